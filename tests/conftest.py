@@ -1,0 +1,51 @@
+"""Shared fixtures: every test leaves no child process behind and no segment in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+# Long-lived helpers the stdlib starts once per interpreter; they are not orphans.
+_STDLIB_HELPERS = ("forkserver", "resource_tracker", "semaphore_tracker")
+
+
+def _stray_children() -> list[psutil.Process]:
+    stray = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        if not any(name in cmdline for name in _STDLIB_HELPERS):
+            stray.append(child)
+    return stray
+
+
+def _shm_names() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves a child process running or a new /dev/shm segment."""
+    shm_before = _shm_names()
+    yield
+    deadline = time.monotonic() + 5.0
+    stray = _stray_children()
+    while stray and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stray = _stray_children()
+    for proc in stray:
+        proc.kill()
+    assert not stray, f"test left child processes running: {stray}"
+    new_shm = {n for n in _shm_names() - shm_before if "forkref" in n or n.startswith("psm_")}
+    assert not new_shm, f"test left shared-memory segments behind: {sorted(new_shm)}"
