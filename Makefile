@@ -1,0 +1,59 @@
+# The two commands of the README's Quickstart:
+#   make demo   builds .venv and runs `forkref demo` (pickled vs share() on a 1 GiB DataFrame)
+#   make test   builds .venv, runs ruff, mypy --strict and the suite on Python 3.11,
+#               then the smoke subset on every other supported Python that is installed
+# Both create their own virtualenvs and install what they need; nothing else is required.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+MAIN_VERSION := 3.11
+SMOKE_VERSIONS := 3.10 3.12 3.13
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+# Print the path of an interpreter for version $(1), or nothing: a pyenv-installed
+# one first (a pyenv shim on PATH may exist for a version it will refuse to run),
+# else a pythonX.Y on PATH.
+find_python = $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || command -v python$(1) 2>/dev/null)
+MAIN_PYTHON := $(or $(call find_python,$(MAIN_VERSION)),$(shell command -v python3))
+
+.PHONY: demo test lint unit smoke bench clean
+
+$(VENV)/.stamp-%: pyproject.toml
+	@test -x $(PY) || $(MAIN_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$*]'
+	@touch $@
+
+demo: $(VENV)/.stamp-demo
+	$(VENV)/bin/forkref demo $(DEMO_ARGS)
+
+test: lint unit smoke
+
+lint: $(VENV)/.stamp-test,lint
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy --strict src/forkref
+
+unit: $(VENV)/.stamp-test,lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+smoke:
+	@for v in $(SMOKE_VERSIONS); do \
+	  py=$$( (ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep .) || command -v python$$v 2>/dev/null || true); \
+	  if [ -z "$$py" ]; then echo "smoke: Python $$v not installed, skipped"; continue; fi; \
+	  venv=.venv-$$v; \
+	  if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
+	    $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
+	    $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; \
+	  fi; \
+	  echo "smoke: Python $$v ($$py)"; \
+	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
+	done
+
+bench: $(VENV)/.stamp-bench
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf .venv .venv-* build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
