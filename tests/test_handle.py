@@ -279,3 +279,48 @@ def _mint_reference_elsewhere() -> bytes:
 
 
 _KEEP: Any = None
+
+
+def _mutated_pickles(data: bytes, ref: Any, count: int) -> list[bytes]:
+    """Copies of a pickled handle with one byte flipped inside the token's fields."""
+    import random
+
+    rng = random.Random(1234)
+    spans = []
+    for field in (ref.tree, ref.key, ref.mac):
+        start = data.index(field)
+        spans.append((start, start + len(field)))
+    out = []
+    for _ in range(count):
+        lo, hi = rng.choice(spans)
+        pos = rng.randrange(lo, hi)
+        out.append(data[:pos] + bytes([data[pos] ^ rng.randrange(1, 256)]) + data[pos + 1 :])
+    return out
+
+
+def resolve_all(blobs: list[bytes]) -> list[str]:
+    """In a worker: load each blob and report what it became, never raising."""
+    seen = []
+    for blob in blobs:
+        obj = pickle.loads(blob)
+        if isinstance(obj, forkref._handle.Unavailable):
+            try:
+                obj.n  # noqa: B018
+            except NotInheritedError:
+                seen.append("error")
+                continue
+        seen.append(f"object:{id(obj)}")
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_mutated_pickled_handles_never_resolve_in_a_worker() -> None:
+    objs = [BigObject(i) for i in range(20)]
+    handles = [share(o) for o in objs]
+    blobs = []
+    for h in handles:
+        blobs += _mutated_pickles(pickle.dumps(h), h.ref, 100)
+    assert resolve_all(blobs) == ["error"] * len(blobs)  # here, in the sharing process
+    with FORK.Pool(1) as pool:
+        assert pool.apply(resolve_all, (blobs,)) == ["error"] * len(blobs)
+        assert pool.apply(read_n, (handles[3],)) == 3  # the genuine one still resolves
