@@ -95,7 +95,8 @@ def test_same_object_twice_gives_same_reference_and_one_entry() -> None:
     before = len(registry())
     obj = BigObject(1)
     h1, h2 = share(obj), share(obj)
-    assert h1 == h2 and h1.ref == h2.ref
+    assert h1 == h2
+    assert h1.ref == h2.ref
     assert share(h1) is h1
     assert len(registry()) == before + 1
     del h1
@@ -144,7 +145,7 @@ def test_unavailable_placeholder_raises_on_every_use_but_repr() -> None:
         lambda: len(ghost),
         lambda: iter(ghost),
         lambda: ghost[0],
-        lambda: ghost(),
+        ghost,  # calling it
         lambda: ghost + 1,
         lambda: ghost == 1,
         lambda: bool(ghost),
@@ -305,7 +306,7 @@ def resolve_all(blobs: list[bytes]) -> list[str]:
         obj = pickle.loads(blob)
         if isinstance(obj, forkref._handle.Unavailable):
             try:
-                obj.n  # noqa: B018
+                obj.n
             except NotInheritedError:
                 seen.append("error")
                 continue

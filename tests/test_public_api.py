@@ -33,7 +33,8 @@ def test_every_exception_is_a_forkref_error_and_picklable() -> None:
             assert issubclass(obj, (forkref.Error, Warning)), name
             err = obj("message")
             again = pickle.loads(pickle.dumps(err))
-            assert type(again) is obj and str(again) == "message"
+            assert type(again) is obj
+            assert str(again) == "message"
 
 
 def test_ships_py_typed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import pickle
 import secrets
@@ -70,7 +71,7 @@ def test_keys_are_random_not_sequential() -> None:
         assert all(len(k) == 16 for k in keys)
         ints = sorted(int.from_bytes(k, "big") for k in keys)
         # Sequential or clustered keys would sit close together.
-        assert min(b - a for a, b in zip(ints, ints[1:])) > 2**64
+        assert min(b - a for a, b in itertools.pairwise(ints)) > 2**64
     finally:
         for r in refs:
             reg.release(r)
