@@ -16,27 +16,30 @@ def freeze_count_in_child() -> int:
 
 @pytest.mark.smoke
 def test_freezes_inside_and_restores_after() -> None:
-    assert gc.get_freeze_count() == 0
+    # CPython 3.12.1 starts with some objects frozen; forkref restores that level.
+    before = gc.get_freeze_count()
     with forkref.fork_hygiene():
-        assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > before + 1000
         with forkref.fork_hygiene():  # nesting keeps it frozen
             pass
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
+        assert gc.get_freeze_count() > before + 1000
+    assert gc.get_freeze_count() <= before
 
 
 def test_restores_even_when_the_block_raises() -> None:
+    before = gc.get_freeze_count()
     with pytest.raises(RuntimeError), forkref.fork_hygiene():
         raise RuntimeError("boom")
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() <= before
 
 
 def test_leaves_a_callers_own_freeze_alone() -> None:
     gc.freeze()
+    frozen = gc.get_freeze_count()
     try:
         with forkref.fork_hygiene():
             pass
-        assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() >= frozen
     finally:
         gc.unfreeze()
 
