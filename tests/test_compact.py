@@ -415,3 +415,36 @@ def test_rebuilt_from_a_shared_memory_segment_without_copy() -> None:
         base = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
         inside = np.frombuffer(data(rebuilt), dtype=np.uint8).__array_interface__["data"][0]
         assert base <= inside < base + plan.size
+
+
+_NONE_KEYS_SCRIPT = textwrap.dedent(
+    """
+    import pickle, sys
+    import forkref
+    if sys.argv[1] == "dump":
+        d = forkref.compact_dict(((None, f"k{i}"), i) for i in range(500))
+        sys.stdout.buffer.write(pickle.dumps(d, protocol=5))
+    else:
+        d = pickle.loads(sys.stdin.buffer.read())
+        assert all(d[(None, f"k{i}")] == i for i in range(500))
+        assert (None, "k500") not in d
+        print("ok")
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_dict_with_none_in_keys_survives_a_fixed_hash_seed() -> None:
+    """Before 3.12 hash(None) is an address: a fixed PYTHONHASHSEED does not make it stable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONHASHSEED": "0"}
+    dumped = subprocess.run(
+        [sys.executable, "-c", _NONE_KEYS_SCRIPT, "dump"], env=env, capture_output=True, check=True
+    ).stdout
+    loaded = subprocess.run(
+        [sys.executable, "-c", _NONE_KEYS_SCRIPT, "load"],
+        env=env,
+        input=dumped,
+        capture_output=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == b"ok"

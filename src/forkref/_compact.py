@@ -67,7 +67,9 @@ _loads = pickle.loads
 # (PYTHONHASHSEED). Forked children inherit the salt; spawned processes and
 # other hosts do not. A CompactDict records this probe when it is built and
 # rebuilds its hash index privately in a process whose probe differs.
-_HASH_PROBE = hash("forkref compact_dict hash probe")
+# None is in the probe because before Python 3.12 hash(None) is its address,
+# which differs between spawned processes even with a fixed PYTHONHASHSEED.
+_HASH_PROBE = hash(("forkref compact_dict hash probe", None))
 _UNSIGNED = (1 << 64) - 1
 _PERTURB_SHIFT = 5
 
