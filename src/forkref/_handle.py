@@ -5,7 +5,10 @@ registration in the registry. Pickled, it is only its :class:`Reference`
 (about 150 bytes, whatever the object's size). Unpickled, it is resolved by
 :func:`_resolve`: in the sharing process and in processes forked from it
 after the share, that yields the original object itself, not a proxy, so
-worker functions take it as a plain argument.
+worker functions take it as a plain argument. A process that did not inherit
+it (started by spawn or forkserver, or forked before the share) asks the
+sharing process, which serializes the object once into shared memory
+(``forkref._export``); the worker maps it, zero-copy for array buffers.
 
 Resolution never raises. The stdlib pools lose the worker when unpickling a
 task raises (``multiprocessing.Pool`` then hangs on that task forever,
@@ -25,6 +28,7 @@ import weakref
 from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
+from forkref import _export
 from forkref._errors import NotInheritedError, ReleasedError
 from forkref._registry import Reference, note_reference, registry
 
@@ -112,6 +116,8 @@ class Shared(Generic[T]):
                 "keep the handle alive (or unreleased) until the tasks using it are submitted"
             )
         note_reference(self._ref)
+        # A reference leaves this process: answer workers that cannot inherit it.
+        _export.ensure_serving(self._ref)
         return (_resolve, (self._ref,))
 
     def __copy__(self) -> Shared[T]:
@@ -144,9 +150,13 @@ def share(obj: T) -> Shared[T]:
     one registry entry.
 
     Workers see ``obj`` as it was when they were forked (copy-on-write). A
-    worker that cannot have it (forked before the share, started by spawn or
-    forkserver) gets a placeholder that raises :class:`forkref.NotInheritedError`
-    on first use, so the task fails with a clear message and the pool lives.
+    worker that did not inherit it (forked before the share, started by spawn
+    or forkserver) gets it through shared memory: the sharing process pickles
+    it once (protocol 5, zero-copy buffers) and each such worker maps it
+    read-only. Where neither works (the object cannot be pickled, the sharing
+    process is gone, the reference is forged or foreign) the worker gets a
+    placeholder that raises :class:`forkref.NotInheritedError` on first use, so
+    the task fails with a clear message and the pool lives.
     """
     if isinstance(obj, Shared):
         return obj
@@ -217,7 +227,10 @@ def _resolve(ref: Reference) -> object:
     try:
         return registry().lookup(ref)
     except NotInheritedError as err:
-        return Unavailable(err)
+        try:  # not inherited: the sharing process exports it through shared memory
+            return _export.fetch(ref, err)
+        except Exception as fetch_err:
+            return Unavailable(fetch_err if isinstance(fetch_err, NotInheritedError) else err)
     except Exception as err:  # a mangled token must not kill a stdlib worker
         return Unavailable(
             NotInheritedError(
