@@ -5,17 +5,58 @@ unpickled in a worker forked after the share, it is the original object.
 See the README for the full story and the limits.
 """
 
-from forkref._errors import Error, NotInheritedError, PerformanceWarning, ReleasedError
+from forkref._compact import CompactDict, CompactList, compact, compact_dict
+from forkref._errors import (
+    BrokenPoolError,
+    CompactError,
+    Error,
+    ForkWarning,
+    MemoryAccessError,
+    MemoryReportError,
+    NotInheritedError,
+    PerformanceWarning,
+    ReleasedError,
+    SharedMemoryError,
+    SharedMemoryFullError,
+    TaskPicklingError,
+    WorkerDiedError,
+)
+from forkref._executor import ProcessPoolExecutor
+from forkref._export import ResultToken, export_result, import_result
 from forkref._handle import Shared, share
 from forkref._hygiene import fork_hygiene
+from forkref._memory import MemoryReport, MemorySampler, ProcessMemory, memory_report
+from forkref._pool import Pool
 
 __all__ = [
+    "BrokenPoolError",
+    "CompactDict",
+    "CompactError",
+    "CompactList",
     "Error",
+    "ForkWarning",
+    "MemoryAccessError",
+    "MemoryReport",
+    "MemoryReportError",
+    "MemorySampler",
     "NotInheritedError",
     "PerformanceWarning",
+    "Pool",
+    "ProcessMemory",
+    "ProcessPoolExecutor",
     "ReleasedError",
+    "ResultToken",
     "Shared",
+    "SharedMemoryError",
+    "SharedMemoryFullError",
+    "TaskPicklingError",
+    "WorkerDiedError",
+    "compact",
+    "compact_dict",
+    "export_result",
     "fork_hygiene",
+    "import_result",
+    "memory_report",
     "share",
 ]
 

@@ -44,3 +44,132 @@ class PerformanceWarning(UserWarning):
     The message names the argument, its estimated size and the fix
     (``forkref.share(...)`` or ``auto_share=True``).
     """
+
+
+# -- shared-memory transport (issue 4) ---------------------------------------
+#
+#    Error
+#     └── SharedMemoryError          a shared-memory segment could not be made or read
+#          └── SharedMemoryFullError the segment directory has no room for the segment
+
+__all__ += ["SharedMemoryError", "SharedMemoryFullError"]
+
+
+class SharedMemoryError(Error):
+    """A shared-memory segment could not be created, written, found or mapped.
+
+    The message names the step, the object and the segment directory.
+    """
+
+    __module__ = "forkref"
+
+
+class SharedMemoryFullError(SharedMemoryError):
+    """The segment directory (``/dev/shm`` by default) has no room for a segment.
+
+    The message gives the bytes needed and available and the fixes: a larger
+    tmpfs (Docker: ``--shm-size``), fork inheritance instead of shared memory,
+    or another directory through the ``FORKREF_SHM_DIR`` environment variable.
+    """
+
+    __module__ = "forkref"
+
+
+# Compact containers and memory reports (issue 5):
+#
+#     Error
+#      ├── CompactError               an item cannot go into (or come out of) a compact container
+#      └── MemoryReportError          process memory could not be read or sampled
+#           └── MemoryAccessError     the OS denied reading a process's memory
+
+__all__ += ["CompactError", "MemoryAccessError", "MemoryReportError"]
+
+
+class CompactError(Error):
+    """An item cannot be stored in a compact container, or a pickled one is corrupt.
+
+    The message names the step, the item's position and type, and the fix.
+    """
+
+    __module__ = "forkref"
+
+
+class MemoryReportError(Error):
+    """A memory report could not be made: bad pids, bad arguments or a failed sampler."""
+
+    __module__ = "forkref"
+
+
+class MemoryAccessError(MemoryReportError):
+    """The OS denied reading a process's memory maps (``/proc/<pid>/smaps``).
+
+    Reading another user's process needs the same user or root
+    (``CAP_SYS_PTRACE``); report only on processes you own, such as your pool's workers.
+    """
+
+    __module__ = "forkref"
+
+
+# -- pools (issue 3) ---------------------------------------------------------
+#
+#     Error
+#      ├── BrokenPoolError            the pool cannot run tasks any more (also a
+#      │    │                         concurrent.futures BrokenProcessPool)
+#      │    └── WorkerDiedError       a worker died (signal, os._exit) while running a task
+#      └── TaskPicklingError          a task's function, argument or result cannot be pickled
+#                                     (also a pickle.PicklingError)
+#
+#     RuntimeWarning
+#      └── ForkWarning                the pool forks while other threads run
+
+__all__ += ["BrokenPoolError", "ForkWarning", "TaskPicklingError", "WorkerDiedError"]
+
+import pickle as _pickle  # noqa: E402  (kept next to the classes that need it)
+from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool  # noqa: E402
+
+
+class BrokenPoolError(Error, _BrokenProcessPool):
+    """A forkref pool cannot run tasks any more.
+
+    Also a ``concurrent.futures.process.BrokenProcessPool``, so code written
+    for the stdlib executor catches it unchanged. The message says what broke
+    the pool (a worker that died, a failed initializer) and what to do.
+    """
+
+    __module__ = "forkref"
+
+
+class WorkerDiedError(BrokenPoolError):
+    """A worker process died while it was running (or holding) the task.
+
+    Attributes ``pid`` and ``exitcode`` (negative: the signal number) say
+    which worker and how; the message names the signal.
+    """
+
+    __module__ = "forkref"
+
+    def __init__(self, message: str, pid: int | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+
+class TaskPicklingError(Error, _pickle.PicklingError):
+    """A task's function, an argument or a result cannot be pickled.
+
+    The message says which one (``argument 2``, ``keyword argument 'df'``,
+    ``item 7 of the iterable``, ``the result``), its type, why, and the fix.
+    """
+
+    __module__ = "forkref"
+
+
+class ForkWarning(RuntimeWarning):
+    """A forkref pool forked its workers while other Python threads were running.
+
+    A thread that holds a lock at the moment of ``fork()`` leaves it locked
+    forever in the child. Issued once per process, in place of Python 3.12's
+    generic ``DeprecationWarning``.
+    """
+
+    __module__ = "forkref"

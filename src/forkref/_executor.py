@@ -1,0 +1,206 @@
+"""``forkref.ProcessPoolExecutor``: ``concurrent.futures``' API over forkref's workers.
+
+Swap ``from concurrent.futures import ProcessPoolExecutor`` for
+``from forkref import ProcessPoolExecutor``. Futures are the stdlib's
+``concurrent.futures.Future``, so ``wait()``, ``as_completed()`` and
+callbacks work unchanged. Failures keep the stdlib's shape: a worker that
+dies, or an initializer that fails, breaks the executor; the futures it held
+raise :class:`~forkref.WorkerDiedError` (naming pid and signal) and the other
+pending ones :class:`~forkref.BrokenPoolError`, both subclasses of
+``concurrent.futures.process.BrokenProcessPool``.
+
+Differences from the stdlib, all in the user's favour: fork is the default
+start method (also on Python 3.14, whose default is forkserver), and
+``max_tasks_per_child`` works with it, because replacements are forked by
+the generation's single-threaded fork server rather than by a thread of the
+parent; lambdas and closures work as task functions; big arguments travel by
+reference (see :class:`forkref.Pool`).
+
+Non-goals: ``map(buffersize=...)`` (Python 3.14) is not supported.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from multiprocessing.context import BaseContext
+from typing import Any, TypeVar
+
+from forkref._errors import BrokenPoolError, TaskPicklingError
+from forkref._pool import _chunks
+from forkref._taskpickle import CALL, STARMAP
+from forkref._workers import Cancelled, Engine
+
+__all__ = ["ProcessPoolExecutor"]
+
+T = TypeVar("T")
+_DEFAULT_THRESHOLD = 2**20
+
+
+def _completer(future: Future[Any]) -> Callable[[bool, Any], None]:
+    def on_done(ok: bool, value: Any) -> None:
+        if isinstance(value, Cancelled):
+            future.cancel()
+            return
+        try:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile
+
+    return on_done
+
+
+class ProcessPoolExecutor(concurrent.futures.Executor):
+    """A drop-in ``concurrent.futures.ProcessPoolExecutor``; big objects reach workers by reference.
+
+    Args:
+        max_workers: number of workers (default ``os.cpu_count()``).
+        mp_context: a ``multiprocessing`` context; default ``fork`` where available.
+        initializer: called as ``initializer(*initargs)`` in each worker at start.
+        initargs: arguments of ``initializer``.
+        max_tasks_per_child: a worker exits after this many tasks and a fresh
+            one is forked from the generation's snapshot (works with fork).
+        share_threshold: see :class:`forkref.Pool` (default 1 MiB; ``None``: off).
+        auto_share: see :class:`forkref.Pool`.
+    """
+
+    __module__ = "forkref"
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: BaseContext | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        share_threshold: int | None = _DEFAULT_THRESHOLD,
+        auto_share: bool = False,
+    ) -> None:
+        if max_workers is None:
+            max_workers = os.cpu_count() or 1
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        self._max_workers = max_workers
+        self._engine = Engine(
+            max_workers,
+            mp_context,
+            initializer=initializer,
+            initargs=tuple(initargs),
+            max_tasks=max_tasks_per_child,
+            executor_semantics=True,
+            share_threshold=share_threshold,
+            auto_share=auto_share,
+        )
+        self._shutdown_lock = threading.Lock()
+        self._shutdown_thread = False
+        # Collected without shutdown(): like the stdlib, pending work still runs, then workers exit.
+        self._finalizer = weakref.finalize(self, self._engine.close)
+
+    @property
+    def _broken(self) -> str | bool:
+        broken = self._engine.broken
+        return str(broken) if broken is not None else False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; return its ``concurrent.futures.Future``.
+
+        Raises:
+            BrokenPoolError: the executor is broken (a worker died).
+            RuntimeError: the executor was shut down.
+        """
+        return self._submit(CALL, fn, [(args, kwargs)])[0]
+
+    def _submit(self, kind: int, fn: Any, chunks: Iterable[Any]) -> list[Future[Any]]:
+        with self._shutdown_lock:
+            if self._engine.broken is not None:
+                raise BrokenPoolError(str(self._engine.broken))
+            if self._shutdown_thread:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            futures: list[Future[Any]] = []
+            tasks = []
+            for data in chunks:
+                future: Future[Any] = Future()
+                futures.append(future)
+                tasks.append((data, _completer(future), future.set_running_or_notify_cancel, 0))
+            try:
+                self._engine.submit_many(kind, fn, tasks)
+            except TaskPicklingError as err:  # the function itself: every future carries it
+                for future in futures:
+                    future.set_exception(err)
+            return futures
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``map(fn, *iterables)``, computed by the workers; results in order.
+
+        Raises (from the iterator):
+            TimeoutError: a result is not ready ``timeout`` seconds after the call.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        futures = self._submit(STARMAP, fn, _chunks(zip(*iterables, strict=False), chunksize))
+        return _results(futures, end_time)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more submits; with ``wait``, return once pending work is done and workers exited.
+
+        ``cancel_futures=True`` cancels the futures no worker has started.
+        """
+        with self._shutdown_lock:
+            self._shutdown_thread = True
+        if cancel_futures:
+            self._engine.cancel_queued()
+        self._engine.close()
+        if wait:
+            self._engine.join()
+
+    def memory(self) -> Any:
+        """Memory of the parent, the workers and the generations' fork servers.
+
+        Returns a :class:`forkref.MemoryReport` (USS/PSS per process, psutil).
+        """
+        from forkref._memory import memory_report
+
+        roles = {os.getpid(): "parent"}
+        roles.update(dict.fromkeys(self._engine.zygote_pids(), "fork server"))
+        roles.update(dict.fromkeys(self._engine.pids(), "worker"))
+        return memory_report(roles)
+
+
+def _results(futures: list[Future[list[T]]], end_time: float | None) -> Iterator[T]:
+    try:
+        futures.reverse()
+        while futures:
+            future = futures.pop()
+            try:
+                if end_time is None:
+                    yield from future.result()
+                else:
+                    yield from future.result(end_time - time.monotonic())
+            finally:
+                future.cancel()  # no-op once done; on a timeout, stop it if not started
+    finally:
+        for future in futures:
+            future.cancel()

@@ -1,0 +1,490 @@
+"""``forkref.Pool``: ``multiprocessing.Pool``'s API over forkref's workers.
+
+Swap ``from multiprocessing import Pool`` for ``from forkref import Pool``:
+same methods, signatures, exceptions and ordering. What changes (see
+:mod:`forkref._workers` for how):
+
+* workers are forked (whatever the platform default) lazily at the first task,
+  and again, as a fresh generation, when a task refers to an object shared
+  after they forked;
+* lambdas, closures and local functions work as task functions (fork only);
+* big immutable arguments (and, with ``auto_share=True``, big mutable ones)
+  travel by reference; big ones that are pickled anyway trigger one
+  :class:`~forkref.PerformanceWarning` per call site;
+* a worker that dies fails only the tasks it held, with
+  :class:`~forkref.WorkerDiedError` (the stdlib Pool hangs on them), and is
+  replaced; a failing initializer breaks the pool with
+  :class:`~forkref.BrokenPoolError` (the stdlib Pool respawns it forever);
+* ``terminate()`` fails pending results instead of leaving them unfinished.
+
+Non-goals: no ``Pool`` subclass of the stdlib class (isinstance checks fail),
+and ``imap``/``imap_unordered`` pickle their iterable lazily as results are
+consumed, keeping a bounded number of chunks in flight (``close()`` submits
+what is left).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import multiprocessing
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from multiprocessing.context import BaseContext
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from forkref._taskpickle import CALL, MAP, STARMAP
+from forkref._workers import Engine
+
+__all__ = ["AsyncResult", "IMapIterator", "MapResult", "Pool"]
+
+T = TypeVar("T")
+_DEFAULT_THRESHOLD = 2**20
+
+
+class AsyncResult(Generic[T]):
+    """The result of :meth:`Pool.apply_async`, like ``multiprocessing.pool.AsyncResult``."""
+
+    def __init__(
+        self,
+        callback: Callable[[T], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        """Whether the call has completed."""
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        """Whether the call completed without raising.
+
+        Raises:
+            ValueError: the result is not ready.
+        """
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the result is available or ``timeout`` seconds pass."""
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Return the result, or raise the task's exception.
+
+        Raises:
+            multiprocessing.TimeoutError: not ready within ``timeout`` seconds.
+        """
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._success:
+            return self._value  # type: ignore[no-any-return]
+        raise self._value
+
+    def _set(self, ok: bool, value: Any) -> None:
+        if self._event.is_set():
+            return
+        self._success, self._value = ok, value
+        try:
+            if ok and self._callback is not None:
+                self._callback(value)
+            if not ok and self._error_callback is not None:
+                self._error_callback(value)
+        finally:  # a raising callback must not leave get() waiting forever
+            self._event.set()
+
+
+class MapResult(AsyncResult[list[T]]):
+    """The result of :meth:`Pool.map_async`: completes when every chunk has, or one fails."""
+
+    def __init__(
+        self,
+        length: int,
+        chunksize: int,
+        callback: Callable[[list[T]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        super().__init__(callback, error_callback)
+        self._items: list[Any] = [None] * length
+        self._chunksize = chunksize
+        self._left = -(-length // chunksize)  # chunks still to come
+        self._lock = threading.Lock()
+        if length == 0:
+            self._set(True, [])
+
+    def _set_chunk(self, index: int, ok: bool, value: Any) -> None:
+        if not ok:
+            self._set(False, value)
+            return
+        start = index * self._chunksize
+        with self._lock:
+            self._items[start : start + len(value)] = value  # C speed, as the stdlib does
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            self._set(True, self._items)
+
+
+class IMapIterator(Generic[T]):
+    """Results of :meth:`Pool.imap` (in order) or :meth:`Pool.imap_unordered`."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        kind: int,
+        func: Callable[..., T],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+    ) -> None:
+        self._pool, self._kind, self._func = pool, kind, func
+        self._source = enumerate(_chunks(iterable, chunksize))
+        self._chunksize = chunksize
+        self._ordered = ordered
+        self._cond = threading.Condition()
+        self._done: dict[int, tuple[bool, Any]] = {}
+        self._order: list[int] = []  # completion order, for imap_unordered
+        self._submitted = 0
+        self._next_chunk = 0
+        self._exhausted = False
+        self._buffer: Iterator[T] = iter(())
+        self._window = 2 * pool._processes + 2
+
+    def __iter__(self) -> IMapIterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> T:
+        """Next result, waiting at most ``timeout`` seconds.
+
+        Raises:
+            multiprocessing.TimeoutError: no result within ``timeout``.
+            StopIteration: no more results.
+        """
+        for item in self._buffer:
+            return item
+        self._top_up()
+        with self._cond:
+            if self._exhausted and self._next_chunk >= self._submitted:
+                raise StopIteration
+            ok, value = self._wait_chunk(timeout)
+        if not ok:
+            self._exhausted, self._submitted = True, self._next_chunk
+            raise value
+        self._buffer = iter(value)
+        return self.next(timeout)
+
+    def _wait_chunk(self, timeout: float | None) -> tuple[bool, Any]:
+        def ready() -> bool:
+            return (self._next_chunk in self._done) if self._ordered else bool(self._order)
+
+        if not self._cond.wait_for(ready, timeout):
+            raise multiprocessing.TimeoutError
+        key = self._next_chunk if self._ordered else self._order.pop(0)
+        self._next_chunk += 1
+        return self._done.pop(key)
+
+    def _top_up(self, everything: bool = False) -> None:
+        tasks = []
+        while not self._exhausted and (
+            everything or self._submitted - self._next_chunk < self._window
+        ):
+            item = next(self._source, None)
+            if item is None:
+                self._exhausted = True
+                break
+            index, chunk = item
+            self._submitted += 1
+            tasks.append((chunk, functools.partial(self._set, index), index * self._chunksize))
+        if tasks:
+            self._pool._submit(self._kind, self._func, tasks)
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            self._done[index] = (ok, value)
+            self._order.append(index)
+            self._cond.notify_all()
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class Pool:
+    """A drop-in ``multiprocessing.Pool`` whose workers receive big objects by reference.
+
+    Args:
+        processes: number of workers (default ``os.cpu_count()``).
+        initializer: called as ``initializer(*initargs)`` in each worker at start.
+        initargs: arguments of ``initializer``.
+        maxtasksperchild: a worker exits after this many tasks (chunks) and a
+            fresh one is forked from the generation's snapshot.
+        context: a ``multiprocessing`` context; default: ``fork`` where the
+            platform has it. Without fork, tasks are pickled by the stdlib's rules.
+        share_threshold: arguments estimated above this many bytes are
+            candidates for by-reference (default 1 MiB); ``None`` turns
+            automatic by-reference off.
+        auto_share: send big *mutable* arguments (numpy arrays, DataFrames,
+            lists, dicts) by reference too; workers then see them as they
+            were when the workers forked (snapshot semantics).
+
+    Mutation semantics: a worker sees every shared object (explicit handles
+    and automatic ones) as it was when that worker's generation forked.
+    """
+
+    __module__ = "forkref"
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: BaseContext | None = None,
+        *,
+        share_threshold: int | None = _DEFAULT_THRESHOLD,
+        auto_share: bool = False,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._processes = processes
+        self._engine = Engine(
+            processes,
+            context,
+            initializer=initializer,
+            initargs=tuple(initargs),
+            max_tasks=maxtasksperchild,
+            executor_semantics=False,
+            share_threshold=share_threshold,
+            auto_share=auto_share,
+        )
+        self._state = "RUN"
+        self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()
+        self._finalizer = weakref.finalize(self, self._engine.terminate)
+
+    def __repr__(self) -> str:
+        return f"<forkref.Pool state={self._state} pool_size={self._processes}>"
+
+    # -- submitting -------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != "RUN":
+            raise ValueError("Pool not running")
+
+    def _submit(
+        self,
+        kind: int,
+        func: Any,
+        chunks: Iterable[tuple[Any, Callable[[bool, Any], None], int]],
+    ) -> None:
+        """Queue ``(data, on_done, offset)`` tasks; failures reach each ``on_done``."""
+        pending = iter(chunks)
+        try:
+            self._engine.submit_many(kind, func, ((d, done, None, off) for d, done, off in pending))
+        except Exception as err:  # unpicklable function, broken pool: the results carry it
+            for _, on_done, _ in pending:  # those not queued yet
+                on_done(False, err)
+
+    def apply(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+    ) -> T:
+        """Call ``func(*args, **kwds)`` in a worker and return its result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+        callback: Callable[[T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> AsyncResult[T]:
+        """Like :meth:`apply`, returning an :class:`AsyncResult` at once."""
+        self._check_running()
+        result: AsyncResult[T] = AsyncResult(callback, error_callback)
+        self._submit(CALL, func, [((tuple(args), dict(kwds or {})), result._set, 0)])
+        return result
+
+    def map(
+        self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[T]:
+        """``list(map(func, iterable))`` computed by the workers, in order."""
+        return self._map_async(
+            MAP, func, iterable=iterable, chunksize=chunksize, callback=None, error_callback=None
+        ).get()
+
+    def starmap(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+    ) -> list[T]:
+        """Like :meth:`map`, calling ``func(*item)``."""
+        return self._map_async(
+            STARMAP,
+            func,
+            iterable=iterable,
+            chunksize=chunksize,
+            callback=None,
+            error_callback=None,
+        ).get()
+
+    def map_async(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult[T]:
+        """Like :meth:`map`, returning a :class:`MapResult` at once."""
+        return self._map_async(
+            MAP,
+            func,
+            iterable=iterable,
+            chunksize=chunksize,
+            callback=callback,
+            error_callback=error_callback,
+        )
+
+    def starmap_async(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult[T]:
+        """Like :meth:`starmap`, returning a :class:`MapResult` at once."""
+        return self._map_async(
+            STARMAP,
+            func,
+            iterable=iterable,
+            chunksize=chunksize,
+            callback=callback,
+            error_callback=error_callback,
+        )
+
+    def _map_async(
+        self,
+        kind: int,
+        func: Any,
+        *,
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        callback: Any,
+        error_callback: Any,
+    ) -> MapResult[Any]:
+        self._check_running()
+        items = iterable if isinstance(iterable, Sized) else list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        chunksize = max(chunksize, 1)
+        result: MapResult[Any] = MapResult(len(items), chunksize, callback, error_callback)
+        # A generator: the first chunk goes to a worker before the next is even cut.
+        tasks = (
+            (chunk, functools.partial(result._set_chunk, index), index * chunksize)
+            for index, chunk in enumerate(_chunks(items, chunksize))
+        )
+        self._submit(kind, func, tasks)
+        return result
+
+    def imap(
+        self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int = 1
+    ) -> IMapIterator[T]:
+        """Lazy :meth:`map`: an iterator over the results, in order."""
+        return self._imap(func, iterable, chunksize, ordered=True)
+
+    def imap_unordered(
+        self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int = 1
+    ) -> IMapIterator[T]:
+        """Like :meth:`imap`, yielding results as they complete."""
+        return self._imap(func, iterable, chunksize, ordered=False)
+
+    def _imap(
+        self, func: Any, iterable: Iterable[Any], chunksize: int, ordered: bool
+    ) -> IMapIterator[Any]:
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        it: IMapIterator[Any] = IMapIterator(
+            self, kind=MAP, func=func, iterable=iterable, chunksize=chunksize, ordered=ordered
+        )
+        it._top_up()
+        self._iterators.add(it)
+        return it
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Accept no more tasks; workers exit when the submitted ones are done."""
+        if self._state != "RUN":
+            return
+        for it in list(self._iterators):
+            it._top_up(everything=True)
+        self._state = "CLOSE"
+        self._engine.close()
+
+    def terminate(self) -> None:
+        """Kill the workers now; unfinished results fail with :class:`forkref.Error`."""
+        self._state = "TERMINATE"
+        self._finalizer()
+
+    def join(self) -> None:
+        """Wait for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
+        if self._state == "RUN":
+            raise ValueError("Pool is still running")
+        self._engine.join()
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.terminate()
+
+    # -- introspection ----------------------------------------------------------------
+
+    def memory(self) -> Any:
+        """Memory of the parent, the workers and the generations' fork servers.
+
+        Returns a :class:`forkref.MemoryReport` (USS/PSS per process, psutil).
+        """
+        from forkref._memory import memory_report
+
+        roles = {os.getpid(): "parent"}
+        roles.update(dict.fromkeys(self._engine.zygote_pids(), "fork server"))
+        roles.update(dict.fromkeys(self._engine.pids(), "worker"))
+        return memory_report(roles)

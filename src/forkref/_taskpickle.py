@@ -1,0 +1,253 @@
+"""Pickling a task: callables and big arguments become references.
+
+A task is ``(kind, function, data)``: ``CALL`` with ``data = (args, kwargs)``,
+``MAP``/``STARMAP`` with ``data`` a chunk of items. :class:`TaskEncoder`
+pickles it in the caller's thread and returns the bytes plus every
+:class:`~forkref._registry.Reference` the task carries (explicit
+``share()`` handles, automatic shares, callables sent by reference), which
+the pool compares against what its workers inherited.
+
+Two hooks do the work, because the C pickler calls ``reducer_override`` for
+everything *except* exact ``int``/``float``/``bytes``/``str``/``list``/
+``dict``/``tuple``/``set`` instances (documented under
+``pickle.Pickler.reducer_override``):
+
+* :meth:`TaskEncoder._walk` visits the arguments before pickling, looks
+  into small builtin containers and replaces big values by references;
+* :meth:`_TaskPickler.reducer_override` catches what lies deeper: functions
+  and classes that cannot be pickled by name (lambdas, closures, local
+  definitions) go by reference under fork; big numpy/pandas/pyarrow objects
+  and big plain objects (bound methods' ``self``, ``functools.partial``
+  arguments) go through the same size policy.
+
+Non-goals: big *builtin* values nested inside a custom object's attributes
+below the first level are pickled (pass ``forkref.share(obj)`` for those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import pickle
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from forkref._autoshare import AutoSharer, ByReference
+from forkref._errors import TaskPicklingError
+from forkref._registry import Reference, collect_references
+
+__all__ = ["CALL", "MAP", "STARMAP", "TaskBatch", "TaskEncoder"]
+
+CALL, MAP, STARMAP = 0, 1, 2
+_FAST: frozenset[type] = frozenset({int, float, bool, complex, type(None)})
+_MAX_DEPTH = 4
+_WALKED: frozenset[type] = frozenset({tuple, list, dict})
+_MAX_WALK = 256  # containers longer than this are judged as a whole, not item by item
+
+
+def _importable(obj: Any) -> bool:
+    """Whether pickle can save ``obj`` by qualified name (and find the same object)."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return False
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+class _TaskPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, encoder: TaskEncoder) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._encoder = encoder
+
+    def reducer_override(self, obj: Any) -> Any:
+        return self._encoder._reduce(obj)
+
+
+class TaskEncoder:
+    """Pickles tasks for one pool, applying its by-reference policy."""
+
+    def __init__(self, sharer: AutoSharer, fork: bool, start_method: str) -> None:
+        self.sharer = sharer
+        #: Workers are forked from this process: callables can go by reference.
+        self.fork = fork
+        self.start_method = start_method
+
+    def encode_function(self, fn: Any) -> tuple[bytes, list[Reference]]:
+        """Pickle a task function once for all the tasks of a call; bytes and references.
+
+        Raises:
+            TaskPicklingError: the function cannot be pickled; says why and the fix.
+        """
+        with collect_references() as refs:
+            try:
+                blob = self._dumps(fn)
+            except Exception as err:
+                raise self._explain(CALL, fn, ((), {}), err, 0) from err
+        return blob, refs
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[TaskBatch]:
+        """Encode several tasks with one pickler; ``batch.refs`` collects their references."""
+        with collect_references() as refs:
+            yield TaskBatch(self, refs)
+
+    def _dumps(self, obj: object) -> bytes:
+        buf = io.BytesIO()
+        _TaskPickler(buf, self).dump(obj)
+        return buf.getvalue()
+
+    # -- the walk over arguments ---------------------------------------------
+
+    def _walk_data(self, kind: int, data: Any, offset: int) -> Any:
+        if self.sharer.threshold is None or not self.sharer.by_reference:
+            return data
+        if kind == CALL:
+            args, kwargs = data
+            new_args = tuple(self._walk(a, _where("argument", i)) for i, a in enumerate(args))
+            new_kwargs = {
+                k: self._walk(v, _where("keyword argument", k)) for k, v in kwargs.items()
+            }
+            return new_args, new_kwargs
+        if set(map(type, data)) <= _FAST:  # C-speed pass: the common case of plain numbers
+            return data
+        return [
+            x if type(x) in _FAST else self._walk(x, _where("item", offset + i, " of the iterable"))
+            for i, x in enumerate(data)
+        ]
+
+    def _walk(self, obj: Any, where: Callable[[], str], depth: int = 0) -> Any:
+        cls = type(obj)
+        if cls in _FAST:
+            return obj
+        # A short container is judged by its items (a tuple of one big frame and
+        # an int is not itself a big object); a long one as a whole.
+        short = cls in _WALKED and len(obj) <= _MAX_WALK and depth < _MAX_DEPTH
+        if not short:
+            return self.sharer.consider(obj, where)
+        if cls is tuple or cls is list:
+            items = [self._walk(x, _nested(where, i), depth + 1) for i, x in enumerate(obj)]
+            if any(a is not b for a, b in zip(items, obj, strict=True)):
+                return cls(items)
+        else:
+            values = {k: self._walk(v, _nested(where, k), depth + 1) for k, v in obj.items()}
+            if any(values[k] is not v for k, v in obj.items()):
+                return values
+        return obj
+
+    # -- the pickler hook ----------------------------------------------------
+
+    def _reduce(self, obj: Any) -> Any:
+        if isinstance(obj, (types.FunctionType, type)):
+            if self.fork and not _importable(obj):
+                return self._by_reference(obj)
+            return NotImplemented
+        if isinstance(obj, ByReference):
+            return NotImplemented
+        if type(obj) is functools.partial:
+            return self._reduce_partial(obj)
+        new = self.sharer.consider(obj, lambda: f"a {type(obj).__qualname__} inside the task")
+        if isinstance(new, ByReference):
+            return new.__reduce__()
+        return NotImplemented
+
+    def _by_reference(self, obj: object) -> Any:
+        return ByReference(self.sharer.register(obj)).__reduce__()
+
+    def _reduce_partial(self, obj: functools.partial[Any]) -> Any:
+        where = lambda: "an argument bound in the functools.partial"  # noqa: E731
+        args = tuple(self._walk(a, where) for a in obj.args)
+        keywords = {k: self._walk(v, where) for k, v in obj.keywords.items()}
+        state = (obj.func, args, keywords or None, obj.__dict__ or None)
+        return (functools.partial, (obj.func,), state)
+
+    # -- explaining a failure ------------------------------------------------
+
+    def _explain(
+        self, kind: int, fn: Any, data: Any, err: Exception, offset: int
+    ) -> TaskPicklingError:
+        culprit, obj = self._find_culprit(kind, fn, data, offset)
+        if culprit is None:
+            culprit, obj = "the task", data
+        what = f"{culprit} ({type(obj).__module__}.{type(obj).__qualname__})"
+        if culprit == "the function" and not self.fork:
+            fix = (
+                f"the {self.start_method!r} start method pickles functions by qualified name, so "
+                "define it at module level, or use the 'fork' context (forkref's default)"
+            )
+        elif self.fork:
+            fix = "pass it by reference with forkref.share(obj), or make it picklable"
+        else:
+            fix = (
+                f"make it picklable: workers started by {self.start_method!r} receive everything "
+                "by pickle"
+            )
+        return TaskPicklingError(
+            f"cannot send {what} to a worker: pickling failed with {err!r}; {fix}"
+        )
+
+    def _find_culprit(self, kind: int, fn: Any, data: Any, offset: int) -> tuple[str | None, Any]:
+        if not self._picklable(fn):
+            return "the function", fn
+        if kind == CALL:
+            args, kwargs = data
+            for i, a in enumerate(args):
+                if not self._picklable(a):
+                    return f"argument {i}", a
+            for k, v in kwargs.items():
+                if not self._picklable(v):
+                    return f"keyword argument {k!r}", v
+            return None, None
+        for i, x in enumerate(data):
+            if not self._picklable(x):
+                return f"item {offset + i} of the iterable", x
+        return None, None
+
+    def _picklable(self, obj: object) -> bool:
+        try:
+            self._dumps(obj)
+        except Exception:
+            return False
+        return True
+
+
+class TaskBatch:
+    """Pickles the tasks of one call, reusing a pickler (see :meth:`TaskEncoder.batch`)."""
+
+    def __init__(self, encoder: TaskEncoder, refs: list[Reference]) -> None:
+        self._encoder = encoder
+        #: References carried by the tasks encoded so far (appended by the pickling).
+        self.refs = refs
+        self._buf = io.BytesIO()
+        self._pickler = _TaskPickler(self._buf, encoder)
+
+    def encode(self, kind: int, fn_blob: bytes, fn: Any, data: Any, offset: int = 0) -> bytes:
+        """Pickle one task whose function is already pickled as ``fn_blob``.
+
+        Raises:
+            TaskPicklingError: naming the argument or item that cannot be
+                pickled, why, and the fix.
+        """
+        walked = self._encoder._walk_data(kind, data, offset)
+        self._buf.seek(0)
+        self._buf.truncate()
+        self._pickler.clear_memo()
+        try:
+            self._pickler.dump((kind, fn_blob, walked))
+        except Exception as err:
+            self._pickler = _TaskPickler(self._buf, self._encoder)  # its state is undefined now
+            raise self._encoder._explain(kind, fn, data, err, offset) from err
+        return self._buf.getvalue()
+
+
+def _where(kind: str, key: object, suffix: str = "") -> Callable[[], str]:
+    return lambda: f"{kind} {key!r}{suffix}"
+
+
+def _nested(where: Callable[[], str], key: object) -> Callable[[], str]:
+    return lambda: f"{where()}[{key!r}]"

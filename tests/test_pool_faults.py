@@ -1,0 +1,147 @@
+"""Faults injected at each step of a task's trip (after CPython's test_deadlock.py).
+
+Tiny objects whose ``__reduce__`` (or reconstructor) raises, exits or kills
+the process at a chosen step: pickling the task in the parent, unpickling it
+in the worker, pickling the result in the worker, unpickling it in the
+parent. Every fault must end as a clear error on the affected call, never a
+hang, and (except where the executor's contract says "broken") leave the
+pool usable. Both pools, fork workers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from typing import Any
+
+import pytest
+
+import forkref
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _raise_on_load() -> None:
+    raise RuntimeError("error while unpickling")
+
+
+def _exit_on_load() -> None:
+    os._exit(7)
+
+
+def _kill_on_load() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise_in_parent_on_load() -> Any:
+    if os.environ.get("FORKREF_TEST_ROLE") == "parent":
+        raise RuntimeError("error while unpickling the result")
+    return 1
+
+
+class ErrorAtPickle:
+    def __reduce__(self) -> Any:
+        raise pickle.PicklingError("error while pickling")
+
+
+class ErrorAtUnpickle:
+    def __reduce__(self) -> Any:
+        return _raise_on_load, ()
+
+
+class ExitAtUnpickle:
+    def __reduce__(self) -> Any:
+        return _exit_on_load, ()
+
+
+class KillAtUnpickle:
+    def __reduce__(self) -> Any:
+        return _kill_on_load, ()
+
+
+class ErrorAtResultUnpickle:
+    def __reduce__(self) -> Any:
+        return _raise_in_parent_on_load, ()
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def return_error_at_pickle(_: Any = None) -> ErrorAtPickle:
+    return ErrorAtPickle()
+
+
+def return_kill_at_pickle(_: Any = None) -> Any:
+    class KillAtPickle:
+        def __reduce__(self) -> Any:
+            os.kill(os.getpid(), signal.SIGKILL)
+            return (int, ())
+
+    return KillAtPickle()
+
+
+def return_error_at_result_unpickle(_: Any = None) -> ErrorAtResultUnpickle:
+    return ErrorAtResultUnpickle()
+
+
+@pytest.fixture(autouse=True)
+def parent_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Workers are forked after this is set; they clear it before running anything.
+    monkeypatch.setenv("FORKREF_TEST_ROLE", "parent")
+
+
+def _worker_role() -> None:
+    os.environ["FORKREF_TEST_ROLE"] = "worker"
+
+
+CASES = [
+    # (name, function, argument, expected error type, message part)
+    (
+        "error at task pickle",
+        identity,
+        ErrorAtPickle(),
+        forkref.TaskPicklingError,
+        "(argument|item) 0",
+    ),
+    ("error at task unpickle", identity, ErrorAtUnpickle(), forkref.Error, "could not unpickle"),
+    ("exit at task unpickle", identity, ExitAtUnpickle(), forkref.WorkerDiedError, "exit code 7"),
+    ("kill at task unpickle", identity, KillAtUnpickle(), forkref.WorkerDiedError, "SIGKILL"),
+    ("error at result pickle", return_error_at_pickle, None, forkref.TaskPicklingError, "result"),
+    ("kill at result pickle", return_kill_at_pickle, None, forkref.WorkerDiedError, "SIGKILL"),
+    (
+        "error at result unpickle",
+        return_error_at_result_unpickle,
+        None,
+        forkref.TaskPicklingError,
+        "in the parent",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "fn", "arg", "error", "text"), CASES, ids=[c[0] for c in CASES])
+def test_pool_fault(name: str, fn: Any, arg: Any, error: type[Exception], text: str) -> None:
+    with forkref.Pool(2, initializer=_worker_role) as p:
+        assert p.apply(identity, (1,)) == 1
+        with pytest.raises(error, match=text):
+            p.apply(fn, (arg,))
+        with pytest.raises(error, match=text):
+            p.map(fn, [arg, arg])
+        assert p.map(identity, range(10)) == list(range(10))  # still usable
+        p.close()
+        p.join()
+
+
+@pytest.mark.parametrize(("name", "fn", "arg", "error", "text"), CASES, ids=[c[0] for c in CASES])
+def test_executor_fault(name: str, fn: Any, arg: Any, error: type[Exception], text: str) -> None:
+    with forkref.ProcessPoolExecutor(2, initializer=_worker_role) as ex:
+        assert ex.submit(identity, 1).result(timeout=30) == 1
+        future = ex.submit(fn, arg)
+        with pytest.raises(error, match=text):
+            future.result(timeout=30)
+        if issubclass(error, forkref.WorkerDiedError):  # the stdlib contract: broken now
+            with pytest.raises(forkref.BrokenPoolError):
+                ex.submit(identity, 1)
+        else:
+            assert ex.submit(identity, 2).result(timeout=30) == 2
