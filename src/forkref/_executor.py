@@ -32,6 +32,7 @@ from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
 from forkref._errors import BrokenPoolError, TaskPicklingError
+from forkref._memory import MemoryReport
 from forkref._pool import _chunks
 from forkref._taskpickle import CALL, STARMAP
 from forkref._workers import Cancelled, Engine
@@ -176,17 +177,18 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if wait:
             self._engine.join()
 
-    def memory(self) -> Any:
+    def memory(self) -> MemoryReport:
         """Memory of the parent, the workers and the generations' fork servers.
 
-        Returns a :class:`forkref.MemoryReport` (USS/PSS per process, psutil).
+        Returns a :class:`forkref.MemoryReport`: USS and PSS per process, from
+        psutil. To catch peaks during a long map, sample the workers in the
+        background: ``with forkref.MemorySampler(pool.pids) as sampler: ...``.
         """
-        from forkref._memory import memory_report
+        return self._engine.memory()
 
-        roles = {os.getpid(): "parent"}
-        roles.update(dict.fromkeys(self._engine.zygote_pids(), "fork server"))
-        roles.update(dict.fromkeys(self._engine.pids(), "worker"))
-        return memory_report(roles)
+    def pids(self) -> list[int]:
+        """Pids of the live worker processes (empty before the first task)."""
+        return self._engine.pids()
 
 
 def _results(futures: list[Future[list[T]]], end_time: float | None) -> Iterator[T]:

@@ -241,7 +241,7 @@ class MemorySampler:
     task) are missed by a single report at the end; a sampler running during
     the work catches them, to within its ``interval``::
 
-        with forkref.MemorySampler(lambda: [os.getpid(), *worker_pids()]) as sampler:
+        with forkref.MemorySampler(pool.pids) as sampler:
             pool.map(work, tasks)
         print(sampler.peaks().table(), sampler.peak_total_pss)
 

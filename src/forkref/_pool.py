@@ -36,6 +36,7 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from forkref._memory import MemoryReport
 from forkref._taskpickle import CALL, MAP, STARMAP
 from forkref._workers import Engine
 
@@ -477,14 +478,15 @@ class Pool:
 
     # -- introspection ----------------------------------------------------------------
 
-    def memory(self) -> Any:
+    def memory(self) -> MemoryReport:
         """Memory of the parent, the workers and the generations' fork servers.
 
-        Returns a :class:`forkref.MemoryReport` (USS/PSS per process, psutil).
+        Returns a :class:`forkref.MemoryReport`: USS and PSS per process, from
+        psutil. To catch peaks during a long map, sample the workers in the
+        background: ``with forkref.MemorySampler(pool.pids) as sampler: ...``.
         """
-        from forkref._memory import memory_report
+        return self._engine.memory()
 
-        roles = {os.getpid(): "parent"}
-        roles.update(dict.fromkeys(self._engine.zygote_pids(), "fork server"))
-        roles.update(dict.fromkeys(self._engine.pids(), "worker"))
-        return memory_report(roles)
+    def pids(self) -> list[int]:
+        """Pids of the live worker processes (empty before the first task)."""
+        return self._engine.pids()

@@ -89,6 +89,7 @@ from forkref._errors import (
     TaskPicklingError,
     WorkerDiedError,
 )
+from forkref._memory import MemoryReport, memory_report
 from forkref._registry import Reference, registry
 from forkref._taskpickle import TaskEncoder
 from forkref._wire import (
@@ -928,6 +929,13 @@ class Engine:
         """Pids of the generations' fork servers."""
         with self._lock:
             return [g.zygote for g in self._generations if g.zygote is not None]
+
+    def memory(self) -> MemoryReport:
+        """USS/PSS of the parent, the workers and the generations' fork servers."""
+        roles = {os.getpid(): "parent"}
+        roles.update(dict.fromkeys(self.zygote_pids(), "fork server"))
+        roles.update(dict.fromkeys(self.pids(), "worker"))
+        return memory_report(roles)
 
     @property
     def generation(self) -> int:
