@@ -52,8 +52,14 @@ smoke:
 	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
 	done
 
+# Every benchmark, one after the other on a quiet machine (about 10 minutes);
+# ray joins bench_shm.py when installed (pip install ray).
 bench: $(VENV)/.stamp-bench
-	$(PY) benchmarks/bench_core.py
+	@mkdir -p benchmarks/results
+	$(PY) benchmarks/bench_core.py --json benchmarks/results/core.json | tee benchmarks/results/core.txt
+	$(PY) benchmarks/bench_pools.py | tee benchmarks/results/pools.txt
+	$(PY) benchmarks/bench_shm.py | tee benchmarks/results/shm.txt
+	$(PY) benchmarks/bench_cow.py --json benchmarks/results/cow.json | tee benchmarks/results/cow.txt
 
 clean:
 	rm -rf .venv .venv-* build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import forkref
+from forkref._demo import parse_size
 
 TASKS = 16
 GLOBAL = "global trick (stdlib fork Pool)"
@@ -44,15 +45,6 @@ MPIRE = "mpire WorkerPool(shared_objects)"
 JOBLIB = "joblib.Parallel (loky)"
 WORKERS = 2
 _GLOBAL: Any = None
-
-
-def parse_size(text: str) -> int:
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    upper = text.strip().upper()
-    for suffix, factor in units.items():
-        if upper.endswith(suffix):
-            return int(float(upper[: -len(suffix)]) * factor)
-    return int(upper)
 
 
 # -- data and tasks ---------------------------------------------------------------

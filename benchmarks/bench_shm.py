@@ -29,7 +29,6 @@ import argparse
 import gc
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import pandas as pd
 import psutil
 
 import forkref
+from forkref._demo import parse_size
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -231,18 +231,10 @@ def run_results(ctx: Any, nbytes: int, rounds: int) -> dict[str, float]:
     }
 
 
-def _parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]i?B?)?", text.strip(), re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 1GiB, 256MiB")
-    unit = (match.group(2) or "B")[0].upper()
-    return int(float(match.group(1)) * {"B": 1, "K": 1 << 10, "M": MiB, "G": GiB}[unit])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=_parse_size, default=GiB, help="DataFrame size (1GiB)")
-    parser.add_argument("--result-size", type=_parse_size, default=256 * MiB)
+    parser.add_argument("--size", type=parse_size, default=GiB, help="DataFrame size (1GiB)")
+    parser.add_argument("--result-size", type=parse_size, default=256 * MiB)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true", help="skip ray even if installed")
     parser.add_argument("--no-plain", action="store_true", help="skip the pickled argument")
