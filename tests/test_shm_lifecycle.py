@@ -56,15 +56,23 @@ _PARENT = textwrap.dedent(
                 except Exception as err:
                     print("parent saw", type(err).__name__, flush=True)
             sys.exit(0)
+        if scenario == "interrupt":
+            # Not multiprocessing.Pool: its terminate() after a KeyboardInterrupt
+            # can deadlock in the stdlib (task handler stuck on the queue's lock).
+            with ProcessPoolExecutor(2, mp_context=ctx) as ex:
+                tokens = list(ex.map(task, [(h, "ok"), (h, "ok")]))
+                kept = forkref.import_result(tokens[0])  # one imported, one left behind
+                assert kept[1] == 2.0
+                ex.submit(task, (h, "interrupt_parent")).result()
+                signal.pause()  # the signal arrives; never reached past it
         with ctx.Pool(2) as pool:
             tokens = pool.map(task, [(h, "ok"), (h, "ok")], chunksize=1)
             kept = forkref.import_result(tokens[0])  # one imported, one left behind
             assert kept[1] == 2.0
             if scenario == "exception":
                 raise RuntimeError("scenario: exception in the parent")
-            if scenario in ("interrupt", "kill_parent"):
-                action = "interrupt_parent" if scenario == "interrupt" else "kill_parent"
-                pool.map(task, [(h, action)])
+            if scenario == "kill_parent":
+                pool.map(task, [(h, "kill_parent")])
                 signal.pause()  # the signal arrives; never reached past it
         print("parent done", flush=True)
     """

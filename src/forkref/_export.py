@@ -350,7 +350,7 @@ _server_failed_pid = 0
 # in the middle of ensure_serving() or paused() (the child would inherit a
 # half-made server, the parent a mixed-up state).
 _server_lock = threading.RLock()
-_fork_holds_lock = False
+_fork_lock_owner = 0  # ident of the thread whose fork holds _server_lock
 _hooks_registered = False
 
 
@@ -412,13 +412,13 @@ _paused = 0
 
 
 def _before_fork() -> None:
-    global _was_running, _fork_holds_lock
+    global _was_running, _fork_lock_owner
     server = _server
     # The export thread forking itself must not wait for the lock: another
     # thread may hold it while joining the export thread (a fork of its own).
     if server is None or server.thread is not threading.current_thread():
         _server_lock.acquire()
-        _fork_holds_lock = True
+        _fork_lock_owner = threading.get_ident()
         server = _server
     _was_running = server is not None and server.thread is not None
     if server is not None:
@@ -426,7 +426,7 @@ def _before_fork() -> None:
 
 
 def _after_fork_parent() -> None:
-    global _fork_holds_lock
+    global _fork_lock_owner
     try:
         # Restarted at once: a worker may be waiting in the socket's backlog.
         # (3.13 counts threads after this hook, so it may warn about this one;
@@ -435,8 +435,8 @@ def _after_fork_parent() -> None:
         if _was_running and not _paused and server is not None and server.thread is None:
             server.start()
     finally:
-        if _fork_holds_lock:
-            _fork_holds_lock = False
+        if _fork_lock_owner == threading.get_ident():
+            _fork_lock_owner = 0
             _server_lock.release()
 
 
@@ -467,10 +467,10 @@ def paused() -> Iterator[None]:
 
 
 def _after_fork_child() -> None:
-    global _server, _server_lock, _client_lock, _paused, _was_running, _fork_holds_lock
+    global _server, _server_lock, _client_lock, _paused, _was_running, _fork_lock_owner
     server, _server = _server, None
     _server_lock = threading.RLock()
-    _fork_holds_lock = False
+    _fork_lock_owner = 0
     _client_lock = threading.RLock()
     # Inherited from a parent that forked inside paused(): this child has no
     # pause of its own, and its first share must start a thread.
