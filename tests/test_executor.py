@@ -202,12 +202,21 @@ def test_max_tasks_per_child_works_with_fork() -> None:
 
 
 @pytest.mark.smoke
-def test_sigkilled_worker_breaks_the_executor_like_the_stdlib() -> None:
+def sigkill_self_once_exists(path: str) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sigkill_self()
+
+
+def test_sigkilled_worker_breaks_the_executor_like_the_stdlib(tmp_path: Any) -> None:
     ex = forkref.ProcessPoolExecutor(2)
     try:
         assert ex.submit(mul, 2, 2).result(timeout=30) == 4
-        crash = ex.submit(sigkill_self)
+        go = str(tmp_path / "go")
+        crash = ex.submit(sigkill_self_once_exists, go)
         pending = [ex.submit(sleep_and_return, 5.0) for _ in range(4)]
+        open(go, "w").close()  # the crash comes after the submits
         with pytest.raises(forkref.WorkerDiedError, match="SIGKILL") as info:
             crash.result(timeout=30)
         err = info.value
@@ -260,3 +269,56 @@ def test_unpicklable_argument_is_set_on_the_future() -> None:
         with pytest.raises(forkref.TaskPicklingError, match=r"argument 0 \(_thread.lock\)"):
             future.result(timeout=30)
         assert ex.submit(mul, 2, 3).result(timeout=30) == 6
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def test_done_callback_that_submits_while_the_caller_forks_does_not_deadlock() -> None:
+    """Review finding 1 (e20): the stdlib lets a done-callback submit follow-up work.
+
+    The caller's submits fork a generation each (a fresh shared object), which
+    pauses the dispatcher while it may be running ``chain``.
+    """
+    with forkref.ProcessPoolExecutor(2) as ex:
+        chained: list[concurrent.futures.Future[int]] = []
+
+        def chain(f: concurrent.futures.Future[int]) -> None:
+            chained.append(ex.submit(inc, f.result()))
+
+        firsts = []
+        for i in range(12):
+            late = forkref.share(bytearray(i + 1))
+            firsts.append(ex.submit(len, late))
+            firsts[-1].add_done_callback(chain)
+        assert [f.result(timeout=30) for f in firsts] == list(range(1, 13))
+        deadline = time.monotonic() + 30  # result() returns before the callbacks ran
+        while len(chained) < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(f.result(timeout=30) for f in chained) == list(range(2, 14))
+
+
+def test_dead_fork_server_breaks_the_executor_without_forking_from_a_thread() -> None:
+    """Review finding 9 (e12): no replacement worker is forked from the dispatcher thread."""
+    ex = forkref.ProcessPoolExecutor(2)
+    assert ex.submit(mul, 2, 3).result(timeout=30) == 6
+    [zygote] = ex._engine.zygote_pids()
+    os.kill(zygote, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not ex._broken and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "fork server" in str(ex._broken)
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(mul, 1, 1)
+    assert all(psutil_ppid(pid) != os.getpid() for pid in ex.pids())
+    ex.shutdown()
+
+
+def psutil_ppid(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.NoSuchProcess:
+        return None

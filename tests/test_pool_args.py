@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import threading
 import warnings
 from typing import Any
 
@@ -185,14 +186,26 @@ def test_auto_shared_object_registered_once_and_released_at_close() -> None:
     assert len(registry()) == before
 
 
-def test_late_auto_shared_object_forks_a_generation_and_old_ones_are_released() -> None:
+def test_late_auto_shared_object_forks_a_generation_and_dropped_ones_are_released() -> None:
     with forkref.Pool(2) as p:
         first = b"1" * (2 * MiB)
         assert p.apply(len, (first,)) == 2 * MiB
+        del first  # the caller is done with it
         second = b"2" * (3 * MiB)
         assert p.apply(len, (second,)) == 3 * MiB  # registered after the fork: generation 2
         assert p._engine.generation == 2
-        assert len(p._engine.sharer) == 1  # `first` was idle at the fork and released
+        assert len(p._engine.sharer) == 1  # `first` was idle and dropped at the fork: released
+
+
+def test_alternating_two_live_objects_forks_no_generation_per_switch() -> None:
+    """Review finding 7 (e21): an idle object the caller still holds stays registered."""
+    a, b = b"a" * (2 * MiB), b"b" * (2 * MiB)
+    with forkref.Pool(2) as p:
+        p.apply(len, (a,))
+        for i in range(10):
+            assert p.apply(len, (a if i % 2 else b,)) == 2 * MiB
+        assert p._engine.generation == 2  # a forked the first, b the second; then none
+        assert len(p._engine.sharer) == 2
 
 
 _values = st.recursive(
@@ -230,3 +243,75 @@ def test_arguments_round_trip() -> None:
 
 def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return args, kwargs
+
+
+# -- review findings 7 and 11: what forks, what is sized ---------------------------------
+
+
+def test_a_new_lambda_or_closure_per_call_forks_no_generation() -> None:
+    """Review finding 7 (e13, e14): lambdas and closures go by value (code + captured values)."""
+
+    def make(i: int) -> Any:
+        return lambda: i * 2
+
+    with forkref.Pool(2) as p:
+        p.apply(abs, (1,))
+        assert [p.apply(make(i)) for i in range(8)] == [i * 2 for i in range(8)]
+        results = [p.apply_async(lambda i=i: i) for i in range(8)]
+        assert [r.get(timeout=30) for r in results] == list(range(8))
+        assert p._engine.generation == 1
+
+
+def test_closure_sees_small_captured_state_at_submit_and_big_as_a_snapshot() -> None:
+    """The closure policy: small captured values are pickled with the task; big ones
+    travel by reference (the worker sees them as they were when it forked)."""
+    small = [0]
+    big = bytearray(2 * MiB)
+
+    def read_small() -> int:
+        return small[0]
+
+    def read_big() -> int:
+        return big[0]
+
+    with forkref.Pool(1) as p:
+        assert p.apply(read_big) == 0  # the first task: `big` is registered, then workers fork
+        assert p.apply(read_small) == 0
+        small[0] = 5
+        big[0] = 7
+        assert p.apply(read_small) == 5
+        assert p.apply(read_big) == 0  # snapshot: the generation forked before the change
+        assert p._engine.generation == 1
+
+
+def test_recursive_closure_and_unpicklable_capture_still_work() -> None:
+    lock = threading.Lock()
+
+    def fact(n: int) -> int:
+        return 1 if n <= 1 else n * fact(n - 1)
+
+    with forkref.Pool(1) as p:
+        assert p.apply(fact, (5,)) == 120
+        def locked() -> bool:
+            return lock.locked()
+
+        assert p.apply(locked) is False  # captures a lock: the closure goes by reference
+
+
+def test_buffers_and_deques_are_sized_and_warned_about() -> None:
+    """Review finding 11 (e17): array.array and deque were pickled without a warning."""
+    import array
+    import collections
+
+    from forkref._autoshare import estimate_size
+
+    arr = array.array("d", bytes(4 * MiB))
+    dq = collections.deque(range(300_000))
+    assert estimate_size(arr) == 4 * MiB
+    assert (estimate_size(dq) or 0) > 2 * MiB
+    assert estimate_size(range(10**9)) is None  # pickles as three ints
+    with forkref.Pool(1) as p:
+        with pytest.warns(forkref.PerformanceWarning, match="array.array"):
+            assert p.apply(len, (arr,)) == arr.buffer_info()[1]
+        with pytest.warns(forkref.PerformanceWarning, match="deque"):
+            assert p.apply(len, (dq,)) == 300_000

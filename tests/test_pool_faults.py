@@ -145,3 +145,90 @@ def test_executor_fault(name: str, fn: Any, arg: Any, error: type[Exception], te
                 ex.submit(identity, 1)
         else:
             assert ex.submit(identity, 2).result(timeout=30) == 2
+
+
+# -- review findings: a failed fork, a dead fork server, a worker dead mid-send -----------
+
+
+def _nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_failed_fork_fails_only_its_task_and_the_pool_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review finding 2 (e18): fork() can fail (EAGAIN: pid limit; ENOMEM).
+
+    The fault is injected as CPython's tests do, at the one call that forks
+    a generation; every other fork is real.
+    """
+    with forkref.Pool(2) as p:
+        assert p.apply(abs, (-1,)) == 1
+        pending = p.apply_async(_nap, (0.3,))
+        fds = _open_fds()
+        real_fork = os.fork
+
+        def failing_fork() -> int:
+            monkeypatch.setattr(os, "fork", real_fork)
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(os, "fork", failing_fork)
+        late = forkref.share(bytearray(10))
+        with pytest.raises(forkref.ForkError, match=r"cannot fork .* submit it again"):
+            p.apply(len, (late,))
+        assert _open_fds() == fds  # the new generation's control socket is closed
+        assert pending.get(timeout=30) == 0.3  # the paused dispatcher was restarted
+        assert p.apply(abs, (-2,)) == 2
+        assert p.apply(len, (late,)) == 10  # a real fork now
+        assert p._engine.generation == 2
+
+
+def _ppid(_: object = None) -> int:
+    return os.getppid()
+
+
+def test_dead_fork_server_is_replaced_by_a_fresh_generation() -> None:
+    """Review finding 9 (e12): workers are never forked from the dispatcher thread."""
+    import time
+
+    with forkref.Pool(2) as p:
+        p.map(abs, range(4))
+        [zygote] = p._engine.zygote_pids()
+        os.kill(zygote, signal.SIGKILL)  # e.g. the OOM killer's pick
+        deadline = time.monotonic() + 30
+        while p._engine.zygote_pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not p._engine.zygote_pids()
+        parents = set(p.map(_ppid, range(8), chunksize=1))
+        assert os.getpid() not in parents  # forked by a fork server, not by a thread of ours
+        assert parents <= set(p._engine.zygote_pids())
+        assert p._engine.generation == 2
+
+
+def test_complete_results_read_before_a_dead_workers_partial_one_are_kept() -> None:
+    """Review finding 6 (e10): one read brings a whole result, then part of a big one,
+    and the worker dies mid-send. The whole result must reach its task."""
+    import socket
+
+    from forkref._wire import HDR, LEN, OK, READ_SIZE, read_messages
+
+    parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with parent, worker:
+        parent.setblocking(False)
+        small = HDR.pack(1, OK) + b"A done"
+        worker.sendall(LEN.pack(len(small)) + small)
+        big_len = 4 * READ_SIZE
+        worker.sendall(LEN.pack(big_len) + HDR.pack(2, OK) + b"x" * 1000)  # then it dies
+        worker.close()
+        buf = bytearray()
+        messages = read_messages(parent.fileno(), buf)
+        assert [bytes(m) for m in messages] == [small]
+        with pytest.raises(EOFError):  # the next read finds the worker gone
+            read_messages(parent.fileno(), buf)

@@ -11,9 +11,12 @@ the way passes through :meth:`AutoSharer.consider`, which decides:
   the object as it was when the worker forked: snapshot semantics); otherwise
   pickled, with one :class:`~forkref.PerformanceWarning` per call site.
 
-Sizes are *estimated*, never measured by pickling: ``nbytes``,
+Sizes are *estimated*, never measured by pickling: ``nbytes`` (numpy,
+pyarrow, and any object with the buffer protocol, like ``array.array``),
 ``memory_usage(deep=False)``, ``len`` and ``sys.getsizeof`` over a bounded
-sample of items. An estimate can be off for ragged containers; it only
+sample of items (builtin containers, their subclasses,
+``collections.deque``). Other containers are of unknown size and pickled
+without a warning. An estimate can be off for ragged containers; it only
 decides between two correct ways of sending the object.
 
 Non-goals: no detection of mutation. An object shared automatically is
@@ -22,12 +25,14 @@ treated as frozen from its first use by the pool.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import sys
 import threading
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -81,7 +86,23 @@ def _flat_size(obj: object) -> int | None:
         return obj.nbytes  # type: ignore[attr-defined, no-any-return]
     if cls in _BUILTIN_CONTAINERS:
         return _container_size(obj)
-    return _library_size(obj, cls)
+    size = _library_size(obj, cls)
+    if size is None:
+        size = _other_size(obj)
+    return size
+
+
+def _other_size(obj: object) -> int | None:
+    """Buffers (``array.array``, ``mmap``) and other concrete containers (deque, subclasses)."""
+    if isinstance(obj, (*_BUILTIN_CONTAINERS, collections.deque)):
+        return _container_size(obj)
+    if isinstance(obj, (str, bytes, bytearray, range)):
+        return None  # exact types are sized above; ranges pickle as three ints
+    try:
+        with memoryview(obj) as view:  # type: ignore[arg-type]
+            return view.nbytes
+    except (TypeError, ValueError, BufferError):
+        return None
 
 
 def _container_size(obj: Any) -> int:
@@ -163,12 +184,27 @@ class ByReference:
 
 
 class _Entry:
-    __slots__ = ("obj", "ref", "uses")
+    __slots__ = ("obj", "own_refs", "ref", "uses")
 
-    def __init__(self, obj: object, ref: Reference) -> None:
+    def __init__(self, obj: object, ref: Reference, own_refs: int) -> None:
         self.obj = obj
         self.ref = ref
         self.uses = 0
+        #: References to ``obj`` that forkref holds for this entry (registry + entry).
+        self.own_refs = own_refs
+
+    def held_elsewhere(self) -> bool:
+        """Whether anything but forkref holds the object (the caller keeps it for more tasks)."""
+        # getrefcount's own argument counts one; _REFCOUNT_ARG says how many.
+        return sys.getrefcount(self.obj) - _REFCOUNT_ARG > self.own_refs
+
+
+def _refcount_arg() -> int:
+    probe = object()
+    return sys.getrefcount(probe) - 1  # minus the ``probe`` variable
+
+
+_REFCOUNT_ARG = _refcount_arg()
 
 
 class AutoSharer:
@@ -189,6 +225,7 @@ class AutoSharer:
         self._by_key: dict[bytes, _Entry] = {}  # the same entries by reference key
         # Explicit handles' objects held for queued tasks: key -> (reference, count).
         self._pins: dict[bytes, tuple[Reference, int]] = {}
+        self._holding = threading.local()  # see holding()
 
     # -- deciding -----------------------------------------------------------
 
@@ -198,7 +235,7 @@ class AutoSharer:
             return obj
         entry = self._entries.get(id(obj))
         if entry is not None and entry.obj is obj:  # already ours: skip the sizing
-            return ByReference(entry.ref)
+            return ByReference(self.register(obj))
         size = estimate_size(obj)
         if size is None or size <= self.threshold:
             return obj
@@ -207,14 +244,60 @@ class AutoSharer:
         _warn_pickled(obj, size, where())
         return obj
 
+    def consider_captured(self, obj: object, where: Callable[[], str]) -> object:
+        """Like :meth:`consider` for a value captured by a closure sent by value.
+
+        A big captured value goes by reference even if mutable (snapshot, as
+        the closure itself would be if it went by reference): a closure over
+        a big local object is the plain-``fork()`` pattern forkref keeps cheap.
+        """
+        if self.threshold is None or not self.by_reference:
+            return obj
+        size = estimate_size(obj)
+        if size is None or size <= self.threshold:
+            return obj
+        return ByReference(self.register(obj))
+
     def register(self, obj: object) -> Reference:
-        """Register ``obj`` for this pool (once, whatever the number of tasks)."""
+        """Register ``obj`` for this pool (once, whatever the number of tasks).
+
+        Inside :meth:`holding`, the registration is held (one use) until the
+        block ends: the task is not queued yet, and another thread forking a
+        generation meanwhile must not release what it is about to carry.
+        """
         with self._lock:
             entry = self._entries.get(id(obj))
-            if entry is None:
-                entry = self._entries[id(obj)] = _Entry(obj, registry().register(obj))
+            if entry is None or entry.obj is not obj:
+                before = sys.getrefcount(obj)
+                ref = registry().register(obj)
+                entry = self._entries[id(obj)] = _Entry(obj, ref, 0)
+                entry.own_refs = sys.getrefcount(obj) - before
                 self._by_key[entry.ref.key] = entry
+            held: list[_Entry] | None = getattr(self._holding, "entries", None)
+            if held is not None:
+                entry.uses += 1
+                held.append(entry)
             return entry.ref
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold every registration handed out in this thread until the block ends.
+
+        A submit wraps its pickling and queueing in this: between pickling a
+        reference and :meth:`acquire` for the queued task, the object counts
+        as used, so :meth:`release_idle` (another thread forking a fresh
+        generation) cannot drop it from under the task.
+        """
+        outer: list[_Entry] | None = getattr(self._holding, "entries", None)
+        held: list[_Entry] = []
+        self._holding.entries = held
+        try:
+            yield
+        finally:
+            self._holding.entries = outer
+            with self._lock:
+                for entry in held:
+                    entry.uses -= 1
 
     def acquire(self, refs: list[Reference]) -> list[Reference]:
         """A task carrying ``refs`` is queued: keep what they name registered until :meth:`done`.
@@ -268,13 +351,16 @@ class AutoSharer:
     # -- releasing ----------------------------------------------------------
 
     def release_idle(self) -> None:
-        """Release registrations no queued or running task uses.
+        """Release registrations no task uses and nobody else holds.
 
-        Called before a fresh generation forks: an object that a new task
-        uses again is then registered anew (and its workers inherit it).
+        Called before a fresh generation forks, so the parent does not keep
+        every big argument of a long loop alive. An object the caller still
+        holds stays registered: the new generation inherits it too, and
+        using it again needs no fork (alternating two live objects would
+        otherwise fork at every switch).
         """
         with self._lock:
-            idle = [k for k, e in self._entries.items() if e.uses <= 0]
+            idle = [k for k, e in self._entries.items() if e.uses <= 0 and not e.held_elsewhere()]
             entries = [self._entries.pop(k) for k in idle]
             for entry in entries:
                 del self._by_key[entry.ref.key]

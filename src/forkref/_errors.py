@@ -173,3 +173,16 @@ class ForkWarning(RuntimeWarning):
     """
 
     __module__ = "forkref"
+
+
+__all__ += ["ForkError"]
+
+
+class ForkError(Error):
+    """A pool could not fork its workers (``os.fork()`` failed: EAGAIN, ENOMEM).
+
+    The tasks that needed the new workers fail with it; the pool stays
+    usable: its current workers go on running the other tasks.
+    """
+
+    __module__ = "forkref"

@@ -128,23 +128,27 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         return self._submit(CALL, fn, [(args, kwargs)])[0]
 
     def _submit(self, kind: int, fn: Any, chunks: Iterable[Any]) -> list[Future[Any]]:
+        # Only the flags are checked under the lock, as the stdlib does: a done
+        # callback running in the dispatcher may submit while another thread is
+        # inside submit() forking a generation (which pauses that dispatcher).
+        # A shutdown that slips in between makes the engine refuse the tasks.
         with self._shutdown_lock:
             if self._engine.broken is not None:
                 raise BrokenPoolError(str(self._engine.broken))
             if self._shutdown_thread:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            futures: list[Future[Any]] = []
-            tasks = []
-            for data in chunks:
-                future: Future[Any] = Future()
-                futures.append(future)
-                tasks.append((data, _completer(future), future.set_running_or_notify_cancel, 0))
-            try:
-                self._engine.submit_many(kind, fn, tasks)
-            except TaskPicklingError as err:  # the function itself: every future carries it
-                for future in futures:
-                    future.set_exception(err)
-            return futures
+        futures: list[Future[Any]] = []
+        tasks = []
+        for data in chunks:
+            future: Future[Any] = Future()
+            futures.append(future)
+            tasks.append((data, _completer(future), future.set_running_or_notify_cancel, 0))
+        try:
+            self._engine.submit_many(kind, fn, tasks)
+        except TaskPicklingError as err:  # the function itself: every future carries it
+            for future in futures:
+                future.set_exception(err)
+        return futures
 
     def map(
         self,

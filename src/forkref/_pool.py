@@ -7,7 +7,9 @@ same methods, signatures, exceptions and ordering. What changes (see
 * workers are forked (whatever the platform default) lazily at the first task,
   and again, as a fresh generation, when a task refers to an object shared
   after they forked;
-* lambdas, closures and local functions work as task functions (fork only);
+* lambdas, closures and local functions work as task functions (fork only):
+  sent by value (code and captured values); captured values above
+  ``share_threshold`` travel by reference as a snapshot, even mutable ones;
 * big immutable arguments (and, with ``auto_share=True``, big mutable ones)
   travel by reference; big ones that are pickled anyway trigger one
   :class:`~forkref.PerformanceWarning` per call site;
@@ -51,9 +53,14 @@ class AsyncResult(Generic[T]):
 
     def __init__(
         self,
+        pool: Pool,
         callback: Callable[[T], object] | None,
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
+        # A pending result keeps its pool alive, as the stdlib's does (CPython's
+        # pool.py): ``Pool(2).apply_async(f).get()`` must not see the pool
+        # collected, and terminated, under it. Dropped once the result is set.
+        self._pool: Pool | None = pool
         self._event = threading.Event()
         self._callback = callback
         self._error_callback = error_callback
@@ -102,6 +109,7 @@ class AsyncResult(Generic[T]):
                 self._error_callback(value)
         finally:  # a raising callback must not leave get() waiting forever
             self._event.set()
+            self._pool = None
 
 
 class MapResult(AsyncResult[list[T]]):
@@ -109,12 +117,13 @@ class MapResult(AsyncResult[list[T]]):
 
     def __init__(
         self,
+        pool: Pool,
         length: int,
         chunksize: int,
         callback: Callable[[list[T]], object] | None,
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
-        super().__init__(callback, error_callback)
+        super().__init__(pool, callback, error_callback)
         self._items: list[Any] = [None] * length
         self._chunksize = chunksize
         self._left = -(-length // chunksize)  # chunks still to come
@@ -182,7 +191,10 @@ class IMapIterator(Generic[T]):
                 raise StopIteration
             ok, value = self._wait_chunk(timeout)
         if not ok:
-            self._exhausted, self._submitted = True, self._next_chunk
+            # As the stdlib: with chunksize 1 the iteration goes on after a failed
+            # item; with bigger chunks its generator ends at the first failure.
+            if self._chunksize > 1:
+                self._exhausted, self._submitted = True, self._next_chunk
             raise value
         self._buffer = iter(value)
         return self.next(timeout)
@@ -327,7 +339,7 @@ class Pool:
     ) -> AsyncResult[T]:
         """Like :meth:`apply`, returning an :class:`AsyncResult` at once."""
         self._check_running()
-        result: AsyncResult[T] = AsyncResult(callback, error_callback)
+        result: AsyncResult[T] = AsyncResult(self, callback, error_callback)
         self._submit(CALL, func, [((tuple(args), dict(kwds or {})), result._set, 0)])
         return result
 
@@ -408,7 +420,7 @@ class Pool:
             if extra:
                 chunksize += 1
         chunksize = max(chunksize, 1)
-        result: MapResult[Any] = MapResult(len(items), chunksize, callback, error_callback)
+        result: MapResult[Any] = MapResult(self, len(items), chunksize, callback, error_callback)
         # A generator: the first chunk goes to a worker before the next is even cut.
         tasks = (
             (chunk, functools.partial(result._set_chunk, index), index * chunksize)

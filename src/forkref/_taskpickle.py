@@ -15,10 +15,23 @@ everything *except* exact ``int``/``float``/``bytes``/``str``/``list``/
 * :meth:`TaskEncoder._walk` visits the arguments before pickling, looks
   into small builtin containers and replaces big values by references;
 * :meth:`_TaskPickler.reducer_override` catches what lies deeper: functions
-  and classes that cannot be pickled by name (lambdas, closures, local
-  definitions) go by reference under fork; big numpy/pandas/pyarrow objects
+  that cannot be pickled by name (lambdas, closures, local definitions) go
+  *by value* under fork (below); classes that cannot be pickled by name go by
+  reference; big numpy/pandas/pyarrow objects
   and big plain objects (bound methods' ``self``, ``functools.partial``
   arguments) go through the same size policy.
+
+**Functions by value** (fork only): a lambda or closure is sent as its
+code (``marshal``, same interpreter on both ends), its module's name (the
+worker uses that module's globals) and its captured values, defaults and
+attributes, pickled with the task. Captured values above ``share_threshold``
+go by reference, mutable or not: the worker sees them as they were when its
+generation forked (snapshot), as if the function itself were shared; small
+ones are pickled, so the worker sees their value at the submit. A new lambda
+per call thus costs no fork. A function whose captured values cannot be
+pickled (a lock, a socket) goes by reference as a whole: registered once
+for as long as it lives, and a task that uses it after the workers forked
+makes the pool fork a fresh generation.
 
 Non-goals: big *builtin* values nested inside a custom object's attributes
 below the first level are pickled (pass ``forkref.share(obj)`` for those).
@@ -28,9 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
+import marshal
 import pickle
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -145,7 +161,8 @@ class TaskEncoder:
     def _reduce(self, obj: Any) -> Any:
         if isinstance(obj, (types.FunctionType, type)):
             if self.fork and not _importable(obj):
-                return self._by_reference(obj)
+                by_value = self._function_by_value(obj)
+                return by_value if by_value is not None else self._by_reference(obj)
             return NotImplemented
         if isinstance(obj, ByReference):
             return NotImplemented
@@ -158,6 +175,44 @@ class TaskEncoder:
 
     def _by_reference(self, obj: object) -> Any:
         return ByReference(self.sharer.register(obj)).__reduce__()
+
+    def _function_by_value(self, fn: Any) -> Any:
+        """The reduce value of a lambda/closure sent by value, or None to send it by reference."""
+        if not isinstance(fn, types.FunctionType):
+            return None
+        module = sys.modules.get(fn.__module__ or "")
+        if module is None or vars(module) is not fn.__globals__:
+            return None  # globals of no importable module: only the object itself has them
+        try:
+            code = marshal.dumps(fn.__code__)
+        except ValueError:
+            return None
+        where = lambda: f"a value captured by {fn.__qualname__}"  # noqa: E731
+        snap = self.sharer.consider_captured
+        cells = [
+            _EMPTY if _cell_empty(c) else snap(c.cell_contents, where) for c in fn.__closure__ or ()
+        ]
+        defaults = tuple(snap(d, where) for d in fn.__defaults__ or ())
+        kwdefaults = {k: snap(v, where) for k, v in (fn.__kwdefaults__ or {}).items()}
+        state = (cells, defaults or None, kwdefaults or None, dict(vars(fn)) or None)
+        if not self._state_picklable(fn, state):
+            return None
+        args = (code, fn.__module__, fn.__name__, fn.__qualname__, len(cells))
+        return (_make_function, args, state, None, None, _set_function_state)
+
+    def _state_picklable(self, fn: Any, state: Any) -> bool:
+        """Try the captured values once (a recursive closure reaches itself: assume yes)."""
+        trying: set[int] = _trial.__dict__.setdefault("ids", set())
+        if id(fn) in trying:
+            return True
+        trying.add(id(fn))
+        try:
+            self._dumps(state)
+        except Exception:
+            return False
+        finally:
+            trying.discard(id(fn))
+        return True
 
     def _reduce_partial(self, obj: functools.partial[Any]) -> Any:
         where = lambda: "an argument bound in the functools.partial"  # noqa: E731
@@ -214,6 +269,49 @@ class TaskEncoder:
         except Exception:
             return False
         return True
+
+
+_trial = threading.local()  # functions whose captured values are being tried, per thread
+
+
+class _Empty:
+    """Marks an unbound cell (a closure variable not assigned yet)."""
+
+
+_EMPTY = _Empty()
+
+
+def _cell_empty(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return True
+    return False
+
+
+def _make_function(code: bytes, module: str, name: str, qualname: str, ncells: int) -> Any:
+    """In the worker: a function with the parent's code over its module's globals.
+
+    Captured values are set afterwards (:func:`_set_function_state`), so that a
+    closure that refers to itself unpickles.
+    """
+    globals_ = vars(sys.modules.get(module) or importlib.import_module(module))
+    closure = tuple(types.CellType() for _ in range(ncells)) or None
+    fn = types.FunctionType(marshal.loads(code), globals_, name, None, closure)
+    fn.__qualname__ = qualname
+    return fn
+
+
+def _set_function_state(fn: Any, state: Any) -> Any:
+    cells, defaults, kwdefaults, attrs = state
+    for cell, value in zip(fn.__closure__ or (), cells, strict=True):
+        if not isinstance(value, _Empty):
+            cell.cell_contents = value
+    fn.__defaults__ = defaults
+    fn.__kwdefaults__ = kwdefaults
+    if attrs:
+        fn.__dict__.update(attrs)
+    return fn
 
 
 class TaskBatch:

@@ -112,7 +112,8 @@ def read_messages(fd: int, buf: bytearray) -> list[bytearray]:
 
     One read takes up to ``READ_SIZE`` bytes, so a burst of small results
     costs one system call, not one per result. A big message is read whole
-    (blocking until the worker has sent it all).
+    (blocking until the worker has sent it all) when it comes first; after
+    complete ones it is left for the next call.
 
     Raises:
         EOFError: the worker's end is closed (it exited or died).
@@ -132,7 +133,9 @@ def read_messages(fd: int, buf: bytearray) -> list[bytearray]:
             out.append(buf[LEN.size : LEN.size + n])
             del buf[: LEN.size + n]
             continue
-        if n - have > READ_SIZE:
+        if n - have > READ_SIZE and not out:
+            # Only when nothing is complete yet: if the worker dies mid-send, the
+            # EOF must not take the complete messages read before it along.
             message = bytearray(n)
             message[:have] = buf[LEN.size :]
             buf.clear()

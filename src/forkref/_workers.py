@@ -29,12 +29,27 @@ How data flows (the ``fork`` start method)::
   task whose References were registered after generation N forked (their
   ``registry().serial()`` is above the serial recorded at the fork) makes the
   pool fork generation N+1; gen N's workers get no new tasks, finish the ones
-  they hold and exit. One fork per new object, never a pickle of it. The
+  they hold and exit. One fork per new object, never a pickle of it
+  (lambdas and closures go by value, so a new one per call does not fork:
+  see :mod:`forkref._taskpickle`). At each such fork, automatic shares that
+  no task uses and the caller no longer holds are released; those the
+  caller still holds stay registered, so switching between live objects
+  does not fork again. The
   shared-memory transport (issue 4) is the other route: when it lands, this
   method is where "send it through shared memory instead" gets chosen.
-* **Failures.** Each worker has its own socket, so the pool knows which tasks
-  a worker holds. A worker that dies shows as EOF on its socket; the zygote
-  reaps it and reports the exit status; the task it was running fails with
+* **Callbacks** (``on_done``: futures, AsyncResult callbacks) run in the
+  dispatcher thread. A fork never waits for a dispatcher inside callbacks
+  (a callback may submit, and wait for the forking thread's locks): it is
+  detached, holding no forkref lock, finishes its callbacks and exits, and
+  a new dispatcher takes over (:meth:`Engine._pause_thread`).
+* **Failures.** If ``os.fork()`` fails, the tasks that needed the new
+  generation fail with :class:`~forkref.ForkError` and the current one goes
+  on. If a generation's zygote dies, the generation is retired (its queued
+  tasks fail; the executor breaks) and the next submit forks a new one:
+  workers are never forked from the dispatcher thread. Each worker has its
+  own socket, so the pool knows which tasks a worker holds. A worker that
+  dies shows as EOF on its socket; the zygote reaps it and reports the exit
+  status; the task it was running fails with
   :class:`~forkref.WorkerDiedError` naming pid and signal, and the tasks
   queued behind it (never started) go to another worker.
 * **Lifetimes.** Objects that queued tasks refer to stay registered until the
@@ -80,10 +95,12 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from forkref import _export
 from forkref._autoshare import AutoSharer
 from forkref._errors import (
     BrokenPoolError,
     Error,
+    ForkError,
     ForkWarning,
     NotInheritedError,
     TaskPicklingError,
@@ -127,6 +144,9 @@ _DEATH_GRACE = 1.0  # seconds to wait for an exit status after a worker's EOF
 #: Serializes generation forks, and the pause of forkref threads around them.
 _FORK_LOCK = threading.RLock()  # re-entered when gc.collect() at a fork finalizes a pool
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: Dispatchers paused while running callbacks (see Engine._pause_thread); alive until they return.
+_DETACHED: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_local = threading.local()
 _atexit_registered = False
 _warned_threads = False
 
@@ -266,11 +286,13 @@ class Engine:
         self._generations: list[_Generation] = []
         self._ids = itertools.count(1)
         self._wids = itertools.count(1)
+        self._gen_numbers = itertools.count(1)
         self._accepting = True
         self._terminated = False
         self.broken: BrokenPoolError | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_stop = False
+        self._thread: threading.Thread | None = None  # the dispatcher that owns the engine
+        self._in_callbacks = False  # the owning dispatcher is running on_done callbacks
+        self._pid = os.getpid()  # a plain fork() child inherits this object: not its pool
         self._finished = threading.Event()
         self._started = False
         self._wake_r, self._wake_w = os.pipe()
@@ -320,6 +342,16 @@ class Engine:
             RuntimeError: the engine no longer accepts tasks.
         """
         self._check_accepting()
+        with self.sharer.holding():  # nothing released between pickling and queueing
+            self._encode_and_enqueue(kind, fn, items, fail_fast)
+
+    def _encode_and_enqueue(
+        self,
+        kind: int,
+        fn: Any,
+        items: Iterable[tuple[Any, Callable[[bool, Any], None], Callable[[], bool] | None, int]],
+        fail_fast: bool,
+    ) -> None:
         fn_blob, fn_refs = self.encoder.encode_function(fn)
         items = iter(items)
         size = 1  # the first task goes out at once; batches then grow to _BATCH
@@ -385,15 +417,22 @@ class Engine:
         with _FORK_LOCK:
             if self._started and not self._needs_fresh_generation(refs):
                 return
-            if self.fork:
-                self.sharer.release_idle()
-                with _paused_threads(self):
-                    self._fork_generation()
-            elif not self._started:
-                with self._lock:
-                    self._generations.append(_Generation(1, 0, None, None))
-            self._started = True
-            self._start_thread()
+            try:
+                if self.fork:
+                    self.sharer.release_idle()
+                    # The export thread (shared-memory transport) stays stopped
+                    # through the fork, not restarted inside it by its at-fork hook.
+                    with _paused_threads(self), _export.paused():
+                        self._fork_generation()
+                elif not self._started:
+                    with self._lock:
+                        self._generations.append(_Generation(1, 0, None, None))
+                self._started = True
+            finally:
+                # Also when the fork failed (EAGAIN, ENOMEM) or Ctrl-C came while
+                # pausing: the current generation goes on serving its tasks.
+                if self._started:
+                    self._start_thread()
 
     def _needs_fresh_generation(self, refs: list[Reference]) -> bool:
         """THE late-object policy: fork a new generation iff a task refers to
@@ -406,11 +445,15 @@ class Engine:
         cheap to export (a numpy array, an arrow table) may instead be sent
         through it without a new generation; that choice belongs here.
         """
-        if not self.fork or not refs:
+        if not self.fork:
             return False
         with self._lock:
             current = self._generations[-1] if self._generations else None
-            serial = current.serial if current is not None and not current.retiring else -1
+            if current is None or current.retiring:  # e.g. its fork server died
+                return self._accepting
+            serial = current.serial
+        if not refs:
+            return False
         reg = registry()
         for ref in refs:
             try:
@@ -421,18 +464,35 @@ class Engine:
         return False
 
     def _fork_generation(self) -> None:
-        """Fork the zygote of a new generation; retire the previous one. Under _FORK_LOCK."""
+        """Fork the zygote of a new generation; retire the previous one. Under _FORK_LOCK.
+
+        Raises:
+            ForkError: ``os.fork()`` failed; the previous generation stays current.
+        """
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctrl, zygote_ctrl = parent_end.detach(), child_end.detach()
         OWN_FDS.add(ctrl)
         serial = registry().last_serial()
-        _warn_foreign_threads()
+        spoken = _warn_foreign_threads()
         with _frozen_gc(), warnings.catch_warnings():
-            # forkref's own threads are paused; _warn_foreign_threads spoke for the others.
-            warnings.filterwarnings(
-                "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
-            )
-            pid = os.fork()
+            if spoken:
+                # Other threads run (foreign ones, or dispatchers detached in user
+                # callbacks); forkref's own are paused and spoke in its words for
+                # the others. Without them the warning stays on, so a forkref
+                # thread left running by mistake shows.
+                warnings.filterwarnings(
+                    "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
+                )
+            try:
+                pid = os.fork()
+            except OSError as err:
+                close_fd(ctrl)
+                os.close(zygote_ctrl)
+                raise ForkError(
+                    f"cannot fork the fork server of a new generation of pool workers: {err!r}; "
+                    "the task was not run. Free memory or processes (ulimit -u, overcommit) "
+                    "and submit it again"
+                ) from err
             if pid == 0:
                 code = 0
                 try:
@@ -447,8 +507,7 @@ class Engine:
         with self._lock:
             for old in self._generations:
                 self._retire_generation(old)
-            number = self._generations[-1].number + 1 if self._generations else 1
-            self._generations.append(_Generation(number, serial, pid, ctrl))
+            self._generations.append(_Generation(next(self._gen_numbers), serial, pid, ctrl))
 
     def _retire_generation(self, gen: _Generation) -> None:
         if gen.retiring:
@@ -465,22 +524,34 @@ class Engine:
     def _start_thread(self) -> None:
         if self._thread is not None or self._finished.is_set():
             return
-        self._thread_stop = False
         self._thread = threading.Thread(
             target=_dispatcher, args=(self,), name="forkref-dispatcher", daemon=True
         )
         self._thread.start()
 
     def _pause_thread(self) -> bool:
-        """Stop the dispatcher thread (it is restarted by :meth:`_start_thread`)."""
-        thread = self._thread
-        if thread is None or thread is threading.current_thread():
-            return False
+        """Stop the dispatcher thread (it is restarted by :meth:`_start_thread`).
+
+        A dispatcher inside user callbacks is not waited for: a callback may
+        submit work and so wait for ``_FORK_LOCK`` (or a lock of the caller's)
+        held by the thread pausing it. It holds no forkref lock there (the
+        registry's lock is taken by its own fork hooks), so it is *detached*
+        like a foreign thread: it loses the engine and exits after its
+        callbacks, and a new dispatcher takes over.
+        """
         with self._lock:
-            self._thread_stop = True
+            thread = self._thread
+            if thread is None or thread is threading.current_thread():
+                return False
+            self._thread = None  # the dispatcher checks this under the lock at every step
+            detached = self._in_callbacks
+            self._in_callbacks = False
             self._wake_locked()
-        thread.join()
-        self._thread = None
+        if detached:
+            _DETACHED.add(thread)
+        else:
+            thread.join()
+            _wait_os_thread_gone(thread.native_id)
         return True
 
     def _wake_locked(self) -> None:
@@ -504,7 +575,7 @@ class Engine:
         """One round of the dispatcher: returns False when the thread should end."""
         completions: list[tuple[_Task, int, Any]] = []
         with self._lock:
-            if self._thread_stop:
+            if not self._owned():
                 return False
             self._drain_incoming()
             self._dispatch()
@@ -512,19 +583,45 @@ class Engine:
             if self._all_done():
                 self._finish_locked()
                 return False
+            self._in_callbacks = bool(completions)
             timeout = self._update_poller()
-        _complete(completions, self.sharer)
+            poller = self._poller
+        if completions:
+            self._run_callbacks(completions)
+            with self._lock:
+                if not self._owned():
+                    return False
+                timeout = self._update_poller()
+                poller = self._poller
         try:
-            ready = self._poller.poll(timeout)
+            ready = poller.poll(timeout)
         except OSError:
             ready = []
         completions = []
         with self._lock:
+            if not self._owned():  # paused while polling: the fds are the new dispatcher's
+                return False
             for fd, _events in ready:
                 self._on_ready(fd, completions)
             self._check_deaths(completions)
-        _complete(completions, self.sharer)
+            self._in_callbacks = bool(completions)
+        self._run_callbacks(completions)
         return True
+
+    def _owned(self) -> bool:
+        """Whether the calling dispatcher thread still owns the engine (under the lock)."""
+        return self._thread is threading.current_thread()
+
+    def _run_callbacks(self, completions: list[tuple[_Task, int, Any]]) -> None:
+        """Complete tasks while detachable (see :meth:`_pause_thread`)."""
+        if not completions:
+            return
+        try:
+            _complete(completions, self.sharer)
+        finally:
+            with self._lock:
+                if self._owned():
+                    self._in_callbacks = False
 
     def _update_poller(self) -> int:
         """Register the fds to watch (only when they changed); return the poll timeout in ms."""
@@ -554,7 +651,7 @@ class Engine:
                 os.read(self._wake_r, 4096)
             self._woken = False  # after the read: see _wake
         elif isinstance(target, _Generation) and fd == target.ctrl:
-            self._on_ctrl(target)
+            self._on_ctrl(target, completions)
         elif isinstance(target, _Worker) and fd == target.fd:
             self._on_worker_readable(target, completions)
         elif target is not None and not isinstance(target, (_Worker, _Generation)):
@@ -600,14 +697,14 @@ class Engine:
             w.last_done = now
             completions.append((task, op, memoryview(message)[HDR.size :]))
 
-    def _on_ctrl(self, gen: _Generation) -> None:
+    def _on_ctrl(self, gen: _Generation, completions: list[tuple[_Task, int, Any]]) -> None:
         assert gen.ctrl is not None
         try:
             data, _ = ctrl_recv(gen.ctrl)
         except OSError:
             data = b""
         if not data:
-            self._zygote_gone(gen)
+            self._zygote_gone(gen, completions)
             return
         a, b = CTRL_ID.unpack_from(data, 1)
         if data[:1] == b"P":
@@ -619,17 +716,53 @@ class Engine:
                 if w.pid == a:
                     w.status = b
 
-    def _zygote_gone(self, gen: _Generation) -> None:
+    def _zygote_gone(self, gen: _Generation, completions: list[tuple[_Task, int, Any]]) -> None:
         close_fd(gen.ctrl)
         gen.ctrl = None
+        pid, status = gen.zygote, None
         if gen.zygote is not None:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(gen.zygote, 0)
+                status = os.waitstatus_to_exitcode(os.waitpid(gen.zygote, 0)[1])
             gen.zygote = None
         now = time.monotonic()
         for w in gen.workers:  # they die with it (PDEATHSIG); no status will come
             if w.eof_at is None and w.fd is None:
                 w.eof_at = now
+        if not gen.retiring:
+            self._fork_server_died(gen, pid, status, completions)
+
+    def _fork_server_died(
+        self,
+        gen: _Generation,
+        pid: int | None,
+        status: int | None,
+        completions: list[tuple[_Task, int, Any]],
+    ) -> None:
+        """The current generation's zygote died (OOM killer, kill -9): retire the generation.
+
+        Its replacements must not be forked from this thread (Python 3.12's
+        multi-threaded fork warning, and locks held by other threads): the
+        next submit forks a fresh generation from the caller's thread. Tasks
+        waiting in the queue fail, the executor breaks.
+        """
+        what = f"the pool's fork server (pid {pid}, {_exit_text(status)}) died"
+        if self.executor_semantics:
+            self._break(
+                BrokenPoolError(
+                    f"{what}, so the executor cannot start workers any more; "
+                    "shut it down and create a new one"
+                ),
+                completions,
+            )
+            return
+        self._retire_generation(gen)
+        err = BrokenPoolError(
+            f"{what} before this task started; submit it again: the next task forks "
+            "a fresh generation of workers"
+        )
+        self._drain_incoming()
+        completions += [(task, -1, err) for task in self._queue]
+        self._queue.clear()
 
     def _check_deaths(self, completions: list[tuple[_Task, int, Any]]) -> None:
         now = time.monotonic()
@@ -701,8 +834,13 @@ class Engine:
         gen = self._current()
         if gen is None:
             return
+        # One depth for the generation, from its slowest worker: a depth per worker
+        # let one that had run a few quick tasks take 32 slow ones while the
+        # others idled (a fair share of the queue is what the stdlib gives).
+        slowest = max((w.service for w in gen.workers if w.fd is not None), default=_FAST_TASK)
+        depth = _DEPTH_FAST if slowest < _FAST_TASK else _DEPTH_SLOW
         while self._queue:
-            w = self._pick_worker(gen, len(self._queue[0].payload))
+            w = self._pick_worker(gen, len(self._queue[0].payload), depth)
             if w is None:
                 return
             task = self._queue.popleft()
@@ -724,7 +862,7 @@ class Engine:
             if w.budget is not None:
                 w.budget -= 1
 
-    def _pick_worker(self, gen: _Generation, size: int) -> _Worker | None:
+    def _pick_worker(self, gen: _Generation, size: int, depth: int) -> _Worker | None:
         """The least loaded worker that may take one more task now, if any.
 
         A worker holds at most ``_DEPTH_SLOW`` tasks (``_DEPTH_FAST`` while its
@@ -737,7 +875,6 @@ class Engine:
             if w.fd is None or w.stopping or w.budget == 0:
                 continue
             n = len(w.inflight)
-            depth = _DEPTH_FAST if w.service < _FAST_TASK else _DEPTH_SLOW
             if n >= depth or (n and w.inflight_bytes + size > w.prefetch_max):
                 continue
             if best is None or n < len(best.inflight):
@@ -780,6 +917,8 @@ class Engine:
                 child_end.close()
             gen.workers.append(_Worker(wid, fd, gen, max_tasks))
             return True
+        if self.fork:  # the zygote is gone: never fork from this thread (see _fork_server_died)
+            return False
         return self._spawn_process(gen, wid, max_tasks, completions)
 
     def _spawn_process(
@@ -858,6 +997,8 @@ class Engine:
 
     def close(self) -> None:
         """No more tasks; workers exit once the queued ones are done. Idempotent."""
+        if self._pid != os.getpid():  # a fork() child's copy: the workers are the parent's
+            return
         with self._lock:
             if not self._accepting:
                 return
@@ -869,7 +1010,7 @@ class Engine:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the workers to finish and exit; True when they did."""
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._thread or _is_dispatcher():
             return self._finished.is_set()
         return self._finished.wait(timeout)
 
@@ -883,6 +1024,8 @@ class Engine:
 
     def terminate(self) -> None:
         """Kill every worker now; pending tasks fail. Idempotent, safe at exit and from GC."""
+        if self._pid != os.getpid():  # a fork() child's copy: the workers are the parent's
+            return
         with self._lock:
             if self._terminated:
                 return
@@ -1018,6 +1161,7 @@ def _decode(op: int, body: Any) -> tuple[bool, Any]:
 
 def _dispatcher(engine: Engine) -> None:
     """Body of the dispatcher thread."""
+    _local.dispatcher = True
     try:
         while engine.step():
             pass
@@ -1027,6 +1171,41 @@ def _dispatcher(engine: Engine) -> None:
 
 
 # -- forks and threads ---------------------------------------------------------------
+
+
+def _wait_os_thread_gone(tid: int | None) -> None:
+    """Wait (briefly) until a joined thread has left the kernel's thread list too.
+
+    ``join()`` returns when the thread's Python part has finished, an instant
+    before its OS thread exits; a fork in that instant counts it, and Python
+    3.12+ (which reads the count from /proc) warns that the process is
+    multi-threaded.
+    """
+    if tid is None:
+        return
+    path = f"/proc/self/task/{tid}"
+    deadline = time.monotonic() + 1.0
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.0001)
+
+
+def _native_threads() -> int:
+    """Threads of this process as the kernel counts them (Python 3.12+ warns from this count).
+
+    More than Python knows of means native threads: a BLAS thread pool that
+    numpy started, say. Those libraries handle fork themselves (their own
+    ``pthread_atfork`` hooks), so forkref silences the warning they would
+    cause without a warning of its own.
+    """
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def _is_dispatcher() -> bool:
+    """Whether the calling thread is a dispatcher (owning or detached): it must not wait for one."""
+    return bool(getattr(_local, "dispatcher", False))
 
 
 def _reset_in_child() -> None:
@@ -1064,9 +1243,16 @@ def _frozen_gc() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _paused_threads(current: Engine) -> Iterator[None]:
-    """Pause every forkref dispatcher thread (under _FORK_LOCK) around a fork."""
-    paused = [e for e in list(_ENGINES) if e._pause_thread()]
+    """Pause every forkref dispatcher thread (under _FORK_LOCK) around a fork.
+
+    Restarts them whatever happens, even an interrupt in the middle of the
+    pausing (``current`` restarts its own: see ``Engine._ensure_generation``).
+    """
+    paused: list[Engine] = []
     try:
+        for engine in list(_ENGINES):
+            if engine._pid == os.getpid() and engine._pause_thread():
+                paused.append(engine)
         yield
     finally:
         for engine in paused:
@@ -1074,17 +1260,18 @@ def _paused_threads(current: Engine) -> Iterator[None]:
                 engine._start_thread()
 
 
-def _warn_foreign_threads() -> None:
+def _warn_foreign_threads() -> bool:
+    """Warn once if foreign threads run; True if threads other than forkref's paused ones run."""
     global _warned_threads
     # Threads named "forkref-*" belong to forkref's other parts, which stop them
     # in their own os.register_at_fork hooks (the export server of _export).
+    current = threading.current_thread()
     others = [
-        t
-        for t in threading.enumerate()
-        if t is not threading.current_thread() and not t.name.startswith("forkref-")
+        t for t in threading.enumerate() if t is not current and not t.name.startswith("forkref-")
     ]
+    detached = [t for t in list(_DETACHED) if t.is_alive() and t is not current]
     if not others or _warned_threads:
-        return
+        return bool(others or detached) or _native_threads() > threading.active_count()
     _warned_threads = True
     names = ", ".join(sorted(t.name for t in others)[:5])
     frame = sys._getframe(1)
@@ -1100,6 +1287,7 @@ def _warn_foreign_threads() -> None:
         frame.f_lineno,
         module=frame.f_globals.get("__name__", "?"),
     )
+    return True
 
 
 def _register_atexit() -> None:
@@ -1112,6 +1300,8 @@ def _register_atexit() -> None:
 def _at_exit() -> None:
     # As the stdlib does: executors finish their pending work, pools are terminated.
     for engine in list(_ENGINES):
+        if engine._pid != os.getpid():  # inherited by a plain fork() child: not its pools
+            continue
         with contextlib.suppress(Exception):
             if engine.executor_semantics:
                 engine.close()
