@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import mmap
 import multiprocessing as mp
 import os
 import pickle
@@ -32,13 +33,21 @@ def _touch(buffer: bytearray, value: int) -> None:
 
 def allocator(conn: Connection) -> None:
     """A worker driven step by step: 'alloc' N touched bytes, 'free' them, 'exit'."""
-    held: list[bytes] = []
+    # An anonymous mapping, not malloc: whether free() hands memory back to the
+    # OS depends on malloc's thresholds, which libraries loaded earlier (the whole
+    # suite imports pandas and pyarrow) may have moved; munmap always does.
+    held: list[mmap.mmap] = []
     conn.send("ready")
     while True:
         command = conn.recv()
         if command == "alloc":
-            held.append(b"\x01" * N)  # the repeat writes every byte: N private bytes
+            block = mmap.mmap(-1, N)
+            for offset in range(0, N, PAGE):  # one write per page: N private bytes
+                block[offset] = 1
+            held.append(block)
         elif command == "free":
+            for block in held:
+                block.close()
             held.clear()
         else:
             return

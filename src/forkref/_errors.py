@@ -3,12 +3,24 @@
 Hierarchy::
 
     Exception
-     └── Error                       base of everything forkref raises
-          ├── NotInheritedError      a reference cannot be resolved in this process
-          └── ReleasedError          a handle was used after release()
+     └── Error                          base of everything forkref raises
+          ├── NotInheritedError         a reference cannot be resolved in this process
+          ├── ReleasedError             a handle was used after release()
+          ├── BrokenPoolError           the pool cannot run tasks (also a BrokenProcessPool)
+          │    └── WorkerDiedError      a worker died while running a task
+          ├── ForkError                 os.fork() failed for a new generation of workers
+          ├── TaskPicklingError         a task's function, argument or result cannot be
+          │                             pickled (also a pickle.PicklingError)
+          ├── SharedMemoryError         a segment could not be made, written or mapped
+          │    └── SharedMemoryFullError  the segment directory has no room
+          ├── CompactError              an item cannot go into or come out of a compact container
+          └── MemoryReportError         process memory could not be read or sampled
+               └── MemoryAccessError    the OS denied reading a process's memory
 
     UserWarning
-     └── PerformanceWarning          a big argument is being pickled per task
+     └── PerformanceWarning             a big argument is being pickled per task
+    RuntimeWarning
+     └── ForkWarning                    a pool forks while other threads run
 
 Every exception here is picklable with its message intact: it may be raised in
 a worker and re-raised in the parent.
