@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 
@@ -14,11 +15,13 @@ MIB = 2**20
 
 def allocate_touch_and_free(mib: int, hold_s: float) -> int:
     """Touch ``mib`` MiB, hold it, free it; return this worker's pid."""
-    block = bytearray(mib * MIB)  # zero-filled: every page is written
-    for i in range(0, len(block), 4096):
+    # An anonymous mapping, not malloc: munmap always hands the pages back, where
+    # free() may keep them depending on thresholds other libraries moved.
+    block = mmap.mmap(-1, mib * MIB)
+    for i in range(0, len(block), mmap.PAGESIZE):
         block[i] = 1
     time.sleep(hold_s)
-    del block
+    block.close()
     return os.getpid()
 
 

@@ -50,3 +50,35 @@ def test_executor_resolves_handles_under_every_start_method(method: str) -> None
         sums = [ex.submit(checksum_and_pid, handle).result(timeout=60)[0]]
         sums += [r[0] for r in ex.map(checksum_and_pid, [handle] * 4, timeout=60)]
     assert set(sums) == {float(arr.sum())}
+
+
+def total(arr: Any) -> float:
+    return float(arr.sum())
+
+
+@pytest.mark.timeout(120)
+def test_small_late_object_goes_through_shared_memory_not_a_new_generation() -> None:
+    from forkref import _export
+
+    with forkref.Pool(2) as pool:
+        pool.apply(abs, (1,))  # generation 1 is up
+        generation = pool._engine.generation
+        exports = _export.stats().exports
+        late = np.arange(1000, dtype=np.float64)  # 8 KB: one export beats 3 forks
+        assert pool.map(total, [forkref.share(late)] * 4) == [float(late.sum())] * 4
+        assert pool._engine.generation == generation
+        assert _export.stats().exports == exports + 1  # once, whatever the task count
+
+
+@pytest.mark.timeout(120)
+def test_big_late_object_forks_a_new_generation() -> None:
+    from forkref import _export
+
+    with forkref.Pool(2) as pool:
+        pool.apply(abs, (1,))
+        generation = pool._engine.generation
+        exports = _export.stats().exports
+        late = np.ones(2**26, dtype=np.float64)  # 512 MiB: 3 forks of this process are cheaper
+        assert pool.apply(total, (forkref.share(late),)) == float(2**26)
+        assert pool._engine.generation == generation + 1
+        assert _export.stats().exports == exports
