@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -49,3 +51,25 @@ def no_leftovers() -> Iterator[None]:
     assert not stray, f"test left child processes running: {stray}"
     new_shm = {n for n in _shm_names() - shm_before if "forkref" in n or n.startswith("psm_")}
     assert not new_shm, f"test left shared-memory segments behind: {sorted(new_shm)}"
+
+
+@pytest.fixture
+def small_tmpfs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A 1 MiB tmpfs as the segment directory (a plain directory if we cannot mount)."""
+    path = tempfile.mkdtemp(prefix="forkref-test-tmpfs-")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        os.rmdir(path)
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr!r}")
+    from forkref import _shm
+
+    monkeypatch.setenv(_shm.ENV_DIR, path)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=False)
+        os.rmdir(path)

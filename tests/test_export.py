@@ -263,30 +263,17 @@ def test_release_drops_the_export() -> None:
 
 
 @pytest.mark.smoke
-def test_export_in_a_too_small_directory_fails_the_task_clearly(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
-    import subprocess
-
-    path = str(tmp_path / "tiny")
-    os.mkdir(path)
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", path]
-    if subprocess.run(mount, check=False).returncode:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        monkeypatch.setenv(_shm.ENV_DIR, path)
-        handle = forkref.share(np.ones(2 * MiB))
-        with stdlib_pool("Pool", "spawn", workers=1) as run:
-            with pytest.raises(forkref.NotInheritedError) as info:
-                run(use, [handle])
-            assert run(use, [[1]]) == [1]
-        message = str(info.value)
-        assert "needs" in message
-        assert "--shm-size" in message
-        assert "FORKREF_SHM_DIR" in message
-        assert os.listdir(path) == []
-    finally:
-        subprocess.run(["umount", path], check=False)
+def test_export_in_a_too_small_directory_fails_the_task_clearly(small_tmpfs: str) -> None:
+    handle = forkref.share(np.ones(2 * MiB))
+    with stdlib_pool("Pool", "spawn", workers=1) as run:
+        with pytest.raises(forkref.NotInheritedError) as info:
+            run(use, [handle])
+        assert run(use, [[1]]) == [1]
+    message = str(info.value)
+    assert "needs" in message
+    assert "--shm-size" in message
+    assert "FORKREF_SHM_DIR" in message
+    assert os.listdir(small_tmpfs) == []
 
 
 def test_sharing_process_resolves_its_own_handle_without_export() -> None:

@@ -7,10 +7,8 @@ import pickle
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -22,26 +20,6 @@ from forkref import _shm
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_tmpfs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A 1 MiB tmpfs as the segment directory (a plain directory if we cannot mount)."""
-    path = tempfile.mkdtemp(prefix="forkref-test-tmpfs-")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        os.rmdir(path)
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr!r}")
-    monkeypatch.setenv(_shm.ENV_DIR, path)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", path], check=False)
-        os.rmdir(path)
 
 
 def _names(directory: str) -> set[str]:
