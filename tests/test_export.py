@@ -33,6 +33,7 @@ import pytest
 import forkref
 from forkref import _export, _serialize, _shm
 from forkref._handle import _resolve
+from procmaps import mapping_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,17 +59,6 @@ def stdlib_pool(kind: str, method: str, workers: int = 2) -> Iterator[Callable[.
 # -- worker functions (module level: spawn workers import them) ---------------
 
 
-def _mapping_of(address: int) -> str:
-    """The file behind the mapping that holds ``address`` ("" for anonymous memory)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                return fields[5].strip() if len(fields) > 5 else ""
-    return ""
-
-
 def probe(obj: Any) -> dict[str, Any]:
     """What a worker got: type, identity, content, and where its data lives."""
     arr = obj["f"].to_numpy(copy=False) if isinstance(obj, pd.DataFrame) else obj
@@ -78,7 +68,7 @@ def probe(obj: Any) -> dict[str, Any]:
         "type": type(obj).__name__,
         "id": id(obj),
         "checksum": float(arr.sum()),
-        "mapping": _mapping_of(address),
+        "mapping": mapping_of(address),
         "writeable": bool(arr.flags.writeable),
     }
 
@@ -89,7 +79,7 @@ def use(obj: Any) -> int:
 
 def probe_nested(obj: dict[str, Any]) -> tuple[str, float]:
     inner = obj["inner"]
-    return _mapping_of(inner.__array_interface__["data"][0]), float(inner.sum())
+    return mapping_of(inner.__array_interface__["data"][0]), float(inner.sum())
 
 
 def worker_anon(arr: np.ndarray) -> tuple[int, float, str]:
@@ -97,7 +87,7 @@ def worker_anon(arr: np.ndarray) -> tuple[int, float, str]:
     total = float(arr.sum())  # touch every page
     with open("/proc/self/status") as status:
         kib = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
-    return kib * 1024, total, _mapping_of(arr.__array_interface__["data"][0])
+    return kib * 1024, total, mapping_of(arr.__array_interface__["data"][0])
 
 
 # -- helpers -------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 import forkref
 from forkref import _shm
+from procmaps import mapping_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,16 +32,6 @@ def _stop_janitor() -> Iterator[None]:
 
 def _segments() -> set[str]:
     return {n for n in os.listdir(_shm.segment_dir()) if n.startswith(_shm.RESULT_PREFIX)}
-
-
-def _mapping_of(address: int) -> str:
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                return fields[5].strip() if len(fields) > 5 else ""
-    return ""
 
 
 def big_result(n: int) -> Any:
@@ -96,7 +87,7 @@ def test_round_trip_is_zero_copy_read_only_and_unlinks_at_once(kind: str) -> Non
         assert again.equals(obj)
         buffer = again.column("x").chunk(0).buffers()[1]
         data, writeable = buffer.address, buffer.is_mutable
-    mapping = _mapping_of(data)
+    mapping = mapping_of(data)
     assert mapping.startswith(
         os.path.join(os.path.realpath(_shm.segment_dir()), _shm.RESULT_PREFIX)
     )
