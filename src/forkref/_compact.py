@@ -274,12 +274,7 @@ class CompactList(Sequence[T]):
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         # A slice of a big container ships only its own items, not the whole buffer.
         whole = self if self._is_whole() else _repack(self)
-        data: Any
-        offsets: Any
-        if isinstance(protocol, int) and protocol >= 5:
-            data, offsets = pickle.PickleBuffer(whole._data), pickle.PickleBuffer(whole._offsets)
-        else:
-            data, offsets = whole._data.tobytes(), whole._offsets.tobytes()
+        data, offsets = _pickled_buffers(protocol, whole._data, whole._offsets)
         return (_rebuild_list, (data, offsets, sys.byteorder))
 
 
@@ -480,12 +475,7 @@ class CompactDict(Mapping[K, V]):
         return self
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        hashes: Any
-        table: Any
-        if isinstance(protocol, int) and protocol >= 5:
-            hashes, table = pickle.PickleBuffer(self._hashes), pickle.PickleBuffer(self._table)
-        else:
-            hashes, table = self._hashes.tobytes(), self._table.tobytes()
+        hashes, table = _pickled_buffers(protocol, self._hashes, self._table)
         args = (self._keys, self._values, (hashes, table), self._hash_probe, sys.byteorder)
         return (_rebuild_dict, args)
 
@@ -588,6 +578,13 @@ class _DictBuilder:
             values = _with_overrides(values, self.overrides)
         hashes, table = _frozen(self.hashes), _frozen(self.table)
         return CompactDict._from_parts(self.keys.finish(), values, hashes, table, _HASH_PROBE)
+
+
+def _pickled_buffers(protocol: Any, *views: memoryview) -> tuple[Any, ...]:
+    """Buffers as pickle should carry them: out of band from protocol 5, bytes before."""
+    if isinstance(protocol, int) and protocol >= 5:
+        return tuple(pickle.PickleBuffer(view) for view in views)
+    return tuple(view.tobytes() for view in views)
 
 
 def _pickled_value(value: object, position: int) -> bytes:
