@@ -140,6 +140,18 @@ def _in_child(body: Callable[[], None]) -> int:
     return pid
 
 
+def _report_from_child(body: Callable[[int], None]) -> dict[str, Any]:
+    """Fork; the child runs ``body(fd)``, which ``_send``s one report; return it."""
+    result_r, result_w = os.pipe()
+    pid = _in_child(lambda: body(result_w))
+    os.close(result_w)  # so a child that dies is EOF, not a hang
+    try:
+        return _recv(result_r)
+    finally:
+        os.close(result_r)
+        os.waitpid(pid, 0)
+
+
 def _worker(variant: str, container: Any, n: int, report_fd: int, go_fd: int) -> None:
     _, iterate, get, reads = VARIANTS[variant]
     os.read(go_fd, 1)  # start together with the other workers
@@ -202,34 +214,19 @@ def _parent(variant: str, n: int, workers: int, result_fd: int) -> None:
 
 
 def run_variant(variant: str, n: int, workers: int) -> dict[str, Any]:
-    result_r, result_w = os.pipe()
-    pid = _in_child(lambda: _parent(variant, n, workers, result_w))
-    os.close(result_w)
-    try:
-        return _recv(result_r)
-    finally:
-        os.close(result_r)
-        os.waitpid(pid, 0)
+    return _report_from_child(lambda fd: _parent(variant, n, workers, fd))
 
 
 # --- gc hygiene: a child's gc.collect() over the parent's tracked objects ---------------
 
 
 def _child_growth_after_collect() -> int:
-    result_r, result_w = os.pipe()
-
-    def child() -> None:
+    def child(fd: int) -> None:
         before = _uss()
         gc.collect()
-        _send(result_w, {"growth": _uss() - before})
+        _send(fd, {"growth": _uss() - before})
 
-    pid = _in_child(child)
-    try:
-        return int(_recv(result_r)["growth"])
-    finally:
-        os.close(result_r)
-        os.close(result_w)
-        os.waitpid(pid, 0)
+    return int(_report_from_child(child)["growth"])
 
 
 def _gc_parent(n_objects: int, result_fd: int) -> None:
@@ -246,14 +243,7 @@ def _gc_parent(n_objects: int, result_fd: int) -> None:
 
 
 def run_gc_hygiene(n_objects: int) -> dict[str, Any]:
-    result_r, result_w = os.pipe()
-    pid = _in_child(lambda: _gc_parent(n_objects, result_w))
-    os.close(result_w)
-    try:
-        return _recv(result_r)
-    finally:
-        os.close(result_r)
-        os.waitpid(pid, 0)
+    return _report_from_child(lambda fd: _gc_parent(n_objects, fd))
 
 
 # --- output -----------------------------------------------------------------------
