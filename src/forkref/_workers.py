@@ -318,6 +318,10 @@ class Engine:
         self._wids = itertools.count(1)
         self._gen_numbers = itertools.count(1)
         self._accepting = True
+        # Late references the current generation fetches through shared memory:
+        # the cost decision is made once per reference, not on every task.
+        self._via_shm: set[Reference] = set()
+        self._via_shm_serial = -1
         self._terminated = False
         self.broken: BrokenPoolError | None = None
         self._thread: threading.Thread | None = None  # the dispatcher that owns the engine
@@ -484,10 +488,16 @@ class Engine:
             serial = current.serial
         if not refs:
             return False
+        if self._via_shm_serial != serial:  # a new generation inherited those
+            self._via_shm = set()
+            self._via_shm_serial = serial
         reg = registry()
         for ref in refs:
             try:
                 if reg.serial(ref) <= serial:
+                    continue
+                if ref in self._via_shm:
+                    _export.ensure_serving(ref)  # cheap; restarts a dead export thread
                     continue
                 obj = reg.lookup(ref)
             except NotInheritedError:
@@ -496,6 +506,7 @@ class Engine:
                 return True
             # The current workers fetch it from this process through shared memory.
             _export.ensure_serving(ref)
+            self._via_shm.add(ref)
         return False
 
     def _export_is_cheaper(self, obj: object) -> bool:
