@@ -29,11 +29,22 @@ def _stray_children() -> list[psutil.Process]:
     return stray
 
 
+# This session's own segment directory: other runs on the machine never show in it.
+_SESSION_SHM = tempfile.mkdtemp(prefix="forkref-test-session-", dir="/dev/shm")
+os.environ["FORKREF_SHM_DIR"] = _SESSION_SHM
+
+
 def _shm_names() -> set[str]:
     try:
-        return set(os.listdir("/dev/shm"))
+        return set(os.listdir(os.environ.get("FORKREF_SHM_DIR") or _SESSION_SHM))
     except FileNotFoundError:
         return set()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import shutil
+
+    shutil.rmtree(_SESSION_SHM, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

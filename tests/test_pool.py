@@ -406,13 +406,13 @@ def test_late_objects_get_a_fresh_generation() -> None:
 
 
 def test_foreign_thread_warns_once_in_forkrefs_words() -> None:
-    import forkref._workers as workers
+    import forkref._forking as workers
 
     stop = threading.Event()
     t = threading.Thread(target=stop.wait, name="some-user-thread")
     t.start()
-    saved = workers._warned_threads
-    workers._warned_threads = False
+    saved = workers._warned
+    workers._warned = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -425,7 +425,7 @@ def test_foreign_thread_warns_once_in_forkrefs_words() -> None:
         assert ours[0].filename == __file__
         assert not [w for w in caught if "multi-threaded" in str(w.message)]
     finally:
-        workers._warned_threads = saved
+        workers._warned = saved
         stop.set()
         t.join()
 

@@ -241,7 +241,8 @@ class AutoSharer:
             return obj
         if is_immutable(obj) or self.auto_share:
             return ByReference(self.register(obj))
-        _warn_pickled(obj, size, where())
+        if not getattr(self._holding, "quiet", False):
+            _warn_pickled(obj, size, where())
         return obj
 
     def consider_captured(self, obj: object, where: Callable[[], str]) -> object:
@@ -278,6 +279,19 @@ class AutoSharer:
                 entry.uses += 1
                 held.append(entry)
             return entry.ref
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No PerformanceWarning in this thread inside the block.
+
+        A big task is pickled twice: at submit (where the warning points to
+        the caller's line) and again at dispatch, in the dispatcher thread.
+        """
+        self._holding.quiet = True
+        try:
+            yield
+        finally:
+            self._holding.quiet = False
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:

@@ -14,7 +14,8 @@ start method (also on Python 3.14, whose default is forkserver), and
 ``max_tasks_per_child`` works with it, because replacements are forked by
 the generation's single-threaded fork server rather than by a thread of the
 parent; lambdas and closures work as task functions; big arguments travel by
-reference (see :class:`forkref.Pool`).
+reference (see :class:`forkref.Pool`); an argument or result that cannot be
+pickled fails its own future and leaves the executor working.
 
 Non-goals: ``map(buffersize=...)`` (Python 3.14) is not supported.
 """
@@ -32,15 +33,14 @@ from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
 from forkref._errors import BrokenPoolError, TaskPicklingError
-from forkref._memory import MemoryReport
-from forkref._pool import _chunks
+from forkref._pool import chunked
+from forkref._poolbase import DEFAULT_THRESHOLD, PoolBase
+from forkref._scheduler import Cancelled
 from forkref._taskpickle import CALL, STARMAP
-from forkref._workers import Cancelled, Engine
 
 __all__ = ["ProcessPoolExecutor"]
 
 T = TypeVar("T")
-_DEFAULT_THRESHOLD = 2**20
 
 
 def _completer(future: Future[Any]) -> Callable[[bool, Any], None]:
@@ -59,7 +59,7 @@ def _completer(future: Future[Any]) -> Callable[[bool, Any], None]:
     return on_done
 
 
-class ProcessPoolExecutor(concurrent.futures.Executor):
+class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
     """A drop-in ``concurrent.futures.ProcessPoolExecutor``; big objects reach workers by reference.
 
     Args:
@@ -83,26 +83,24 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         initargs: Iterable[Any] = (),
         *,
         max_tasks_per_child: int | None = None,
-        share_threshold: int | None = _DEFAULT_THRESHOLD,
+        share_threshold: int | None = DEFAULT_THRESHOLD,
         auto_share: bool = False,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._max_workers = max_workers
-        self._engine = Engine(
+        self._start_engine(
             max_workers,
             mp_context,
             initializer=initializer,
-            initargs=tuple(initargs),
+            initargs=initargs,
             max_tasks=max_tasks_per_child,
             executor_semantics=True,
             share_threshold=share_threshold,
@@ -117,6 +115,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def _broken(self) -> str | bool:
         broken = self._engine.broken
         return str(broken) if broken is not None else False
+
+    @property
+    def _processes(self) -> dict[int, Any]:
+        """pid -> process of every live worker, as the stdlib's executor has it."""
+        return self._worker_processes()
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)``; return its ``concurrent.futures.Future``.
@@ -147,7 +150,8 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             self._engine.submit_many(kind, fn, tasks)
         except TaskPicklingError as err:  # the function itself: every future carries it
             for future in futures:
-                future.set_exception(err)
+                if not future.done():
+                    future.set_exception(err)
         return futures
 
     def map(
@@ -165,7 +169,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        futures = self._submit(STARMAP, fn, _chunks(zip(*iterables, strict=False), chunksize))
+        futures = self._submit(STARMAP, fn, chunked(zip(*iterables, strict=False), chunksize))
         return _results(futures, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -181,32 +185,52 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if wait:
             self._engine.join()
 
-    def memory(self) -> MemoryReport:
-        """Memory of the parent, the workers and the generations' fork servers.
+    def terminate_workers(self) -> None:
+        """Send SIGTERM to every live worker now, then shut down (Python 3.14's API).
 
-        Returns a :class:`forkref.MemoryReport`: USS and PSS per process, from
-        psutil. To catch peaks during a long map, sample the workers in the
-        background: ``with forkref.MemorySampler(pool.pids) as sampler: ...``.
+        Pending futures fail (the executor breaks, as a worker died). Do not
+        submit afterwards.
         """
-        return self._engine.memory()
+        self._signal_and_shutdown(kill=False)
 
-    def pids(self) -> list[int]:
-        """Pids of the live worker processes (empty before the first task)."""
-        return self._engine.pids()
+    def kill_workers(self) -> None:
+        """Send SIGKILL to every live worker now, then shut down (Python 3.14's API)."""
+        self._signal_and_shutdown(kill=True)
+
+    def _signal_and_shutdown(self, kill: bool) -> None:
+        with self._shutdown_lock:
+            self._shutdown_thread = True
+        self._engine.signal_workers(kill)
+        self._engine.close()
+        self._engine.join()
 
 
 def _results(futures: list[Future[list[T]]], end_time: float | None) -> Iterator[T]:
+    """Yield the items of each future's result in order, holding none of them afterwards.
+
+    CPython gh-58607 (bpo-14406): a result yielded must not stay referenced
+    by the iterator, so each chunk is emptied as it is yielded and each
+    future dropped once read.
+    """
     try:
         futures.reverse()
         while futures:
-            future = futures.pop()
-            try:
-                if end_time is None:
-                    yield from future.result()
-                else:
-                    yield from future.result(end_time - time.monotonic())
-            finally:
-                future.cancel()  # no-op once done; on a timeout, stop it if not started
+            chunk = _result_or_cancel(futures.pop(), end_time)
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
     finally:
         for future in futures:
             future.cancel()
+
+
+def _result_or_cancel(future: Future[list[T]], end_time: float | None) -> list[T]:
+    try:
+        try:
+            if end_time is None:
+                return future.result()
+            return future.result(end_time - time.monotonic())
+        finally:
+            future.cancel()  # no-op once done; on a timeout, stop it if not started
+    finally:
+        del future  # the caller's chunk is the only reference left

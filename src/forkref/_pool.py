@@ -27,6 +27,7 @@ what is left).
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import multiprocessing
@@ -38,14 +39,12 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from forkref._memory import MemoryReport
-from forkref._taskpickle import CALL, MAP, STARMAP
-from forkref._workers import Engine
+from forkref._poolbase import DEFAULT_THRESHOLD, PoolBase
+from forkref._taskpickle import CALL, MAP, STARMAP, FnBlob
 
-__all__ = ["AsyncResult", "IMapIterator", "MapResult", "Pool"]
+__all__ = ["AsyncResult", "IMapIterator", "MapResult", "Pool", "chunked"]
 
 T = TypeVar("T")
-_DEFAULT_THRESHOLD = 2**20
 
 
 class AsyncResult(Generic[T]):
@@ -145,7 +144,13 @@ class MapResult(AsyncResult[list[T]]):
 
 
 class IMapIterator(Generic[T]):
-    """Results of :meth:`Pool.imap` (in order) or :meth:`Pool.imap_unordered`."""
+    """Results of :meth:`Pool.imap` (in order) or :meth:`Pool.imap_unordered`.
+
+    The iterable is consumed lazily: at most ``window`` chunks are submitted
+    and not yet consumed (the workers compute that far ahead while the
+    consumer is busy), topped up in batches as results are taken. A result
+    is not referenced by the iterator once it has been yielded.
+    """
 
     def __init__(
         self,
@@ -158,17 +163,18 @@ class IMapIterator(Generic[T]):
         ordered: bool,
     ) -> None:
         self._pool, self._kind, self._func = pool, kind, func
-        self._source = enumerate(_chunks(iterable, chunksize))
+        self._fn_blob: FnBlob | None = None  # the function, pickled once for every round
+        self._source = enumerate(chunked(iterable, chunksize))
         self._chunksize = chunksize
         self._ordered = ordered
         self._cond = threading.Condition()
         self._done: dict[int, tuple[bool, Any]] = {}
-        self._order: list[int] = []  # completion order, for imap_unordered
+        self._order: collections.deque[int] = collections.deque()  # completion order
         self._submitted = 0
         self._next_chunk = 0
         self._exhausted = False
-        self._buffer: Iterator[T] = iter(())
-        self._window = 2 * pool._processes + 2
+        self._buffer: list[T] = []  # the current chunk's results, reversed
+        self._window = max(8 * pool._processes, 64 // chunksize, 4)
 
     def __iter__(self) -> IMapIterator[T]:
         return self
@@ -183,21 +189,21 @@ class IMapIterator(Generic[T]):
             multiprocessing.TimeoutError: no result within ``timeout``.
             StopIteration: no more results.
         """
-        for item in self._buffer:
-            return item
-        self._top_up()
-        with self._cond:
-            if self._exhausted and self._next_chunk >= self._submitted:
-                raise StopIteration
-            ok, value = self._wait_chunk(timeout)
-        if not ok:
-            # As the stdlib: with chunksize 1 the iteration goes on after a failed
-            # item; with bigger chunks its generator ends at the first failure.
-            if self._chunksize > 1:
-                self._exhausted, self._submitted = True, self._next_chunk
-            raise value
-        self._buffer = iter(value)
-        return self.next(timeout)
+        while not self._buffer:
+            self._top_up()
+            with self._cond:
+                if self._exhausted and self._next_chunk >= self._submitted:
+                    raise StopIteration
+                ok, value = self._wait_chunk(timeout)
+            if not ok:
+                # As the stdlib: with chunksize 1 the iteration goes on after a failed
+                # item; with bigger chunks its generator ends at the first failure.
+                if self._chunksize > 1:
+                    self._exhausted, self._submitted = True, self._next_chunk
+                raise value
+            value.reverse()
+            self._buffer = value
+        return self._buffer.pop()
 
     def _wait_chunk(self, timeout: float | None) -> tuple[bool, Any]:
         def ready() -> bool:
@@ -205,39 +211,42 @@ class IMapIterator(Generic[T]):
 
         if not self._cond.wait_for(ready, timeout):
             raise multiprocessing.TimeoutError
-        key = self._next_chunk if self._ordered else self._order.pop(0)
+        key = self._next_chunk if self._ordered else self._order.popleft()
         self._next_chunk += 1
         return self._done.pop(key)
 
     def _top_up(self, everything: bool = False) -> None:
-        tasks = []
-        while not self._exhausted and (
-            everything or self._submitted - self._next_chunk < self._window
-        ):
+        """Submit chunks up to the window once it is half empty (all of them: ``everything``)."""
+        ahead = self._submitted - self._next_chunk
+        if self._exhausted or (not everything and ahead > self._window // 2):
+            return
+        tasks: list[tuple[list[Any], Callable[[bool, Any], None], int]] = []
+        while everything or ahead + len(tasks) < self._window:
             item = next(self._source, None)
             if item is None:
                 self._exhausted = True
                 break
             index, chunk = item
-            self._submitted += 1
             tasks.append((chunk, functools.partial(self._set, index), index * self._chunksize))
+        self._submitted += len(tasks)
         if tasks:
-            self._pool._submit(self._kind, self._func, tasks)
+            self._fn_blob = self._pool._submit(self._kind, self._func, tasks, self._fn_blob)
 
     def _set(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
             self._done[index] = (ok, value)
             self._order.append(index)
-            self._cond.notify_all()
+            self._cond.notify()
 
 
-def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` consecutive items (the last one shorter)."""
     it = iter(iterable)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
 
 
-class Pool:
+class Pool(PoolBase):
     """A drop-in ``multiprocessing.Pool`` whose workers receive big objects by reference.
 
     Args:
@@ -269,7 +278,7 @@ class Pool:
         maxtasksperchild: int | None = None,
         context: BaseContext | None = None,
         *,
-        share_threshold: int | None = _DEFAULT_THRESHOLD,
+        share_threshold: int | None = DEFAULT_THRESHOLD,
         auto_share: bool = False,
     ) -> None:
         if processes is None:
@@ -280,14 +289,12 @@ class Pool:
             not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
         self._processes = processes
-        self._engine = Engine(
+        self._start_engine(
             processes,
             context,
             initializer=initializer,
-            initargs=tuple(initargs),
+            initargs=initargs,
             max_tasks=maxtasksperchild,
             executor_semantics=False,
             share_threshold=share_threshold,
@@ -311,14 +318,23 @@ class Pool:
         kind: int,
         func: Any,
         chunks: Iterable[tuple[Any, Callable[[bool, Any], None], int]],
-    ) -> None:
-        """Queue ``(data, on_done, offset)`` tasks; failures reach each ``on_done``."""
+        fn_blob: FnBlob | None = None,
+    ) -> FnBlob | None:
+        """Queue ``(data, on_done, offset)`` tasks; failures reach each ``on_done``.
+
+        Returns the pickled function, for a caller that submits more later.
+        """
         pending = iter(chunks)
         try:
-            self._engine.submit_many(kind, func, ((d, done, None, off) for d, done, off in pending))
+            if fn_blob is None:
+                fn_blob = self._engine.encode_function(func)
+            self._engine.submit_many(
+                kind, func, ((d, done, None, off) for d, done, off in pending), fn_blob=fn_blob
+            )
         except Exception as err:  # unpicklable function, broken pool: the results carry it
             for _, on_done, _ in pending:  # those not queued yet
                 on_done(False, err)
+        return fn_blob
 
     def apply(
         self,
@@ -424,7 +440,7 @@ class Pool:
         # A generator: the first chunk goes to a worker before the next is even cut.
         tasks = (
             (chunk, functools.partial(result._set_chunk, index), index * chunksize)
-            for index, chunk in enumerate(_chunks(items, chunksize))
+            for index, chunk in enumerate(chunked(items, chunksize))
         )
         self._submit(kind, func, tasks)
         return result
@@ -490,15 +506,12 @@ class Pool:
 
     # -- introspection ----------------------------------------------------------------
 
-    def memory(self) -> MemoryReport:
-        """Memory of the parent, the workers and the generations' fork servers.
+    @property
+    def _pool(self) -> list[Any]:
+        """The live workers as process objects, as ``multiprocessing.Pool._pool`` has them."""
+        return list(self._worker_processes().values())
 
-        Returns a :class:`forkref.MemoryReport`: USS and PSS per process, from
-        psutil. To catch peaks during a long map, sample the workers in the
-        background: ``with forkref.MemorySampler(pool.pids) as sampler: ...``.
-        """
-        return self._engine.memory()
-
-    def pids(self) -> list[int]:
-        """Pids of the live worker processes (empty before the first task)."""
-        return self._engine.pids()
+    @property
+    def _ctx(self) -> BaseContext:
+        """The ``multiprocessing`` context, as ``multiprocessing.Pool._ctx``."""
+        return self._engine.context

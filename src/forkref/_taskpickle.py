@@ -1,11 +1,19 @@
 """Pickling a task: callables and big arguments become references.
 
-A task is ``(kind, function, data)``: ``CALL`` with ``data = (args, kwargs)``,
-``MAP``/``STARMAP`` with ``data`` a chunk of items. :class:`TaskEncoder`
-pickles it in the caller's thread and returns the bytes plus every
-:class:`~forkref._registry.Reference` the task carries (explicit
-``share()`` handles, automatic shares, callables sent by reference), which
-the pool compares against what its workers inherited.
+A task is a function and ``(kind, data)``: ``CALL`` with ``data = (args,
+kwargs)``, ``MAP``/``STARMAP`` with ``data`` a chunk of items. The function
+is pickled once per call (:meth:`TaskEncoder.encode_function`, an
+:class:`FnBlob` that a worker receives once), the data once per task
+(:meth:`TaskBatch.encode`), both in the caller's thread; the encoder
+collects every :class:`~forkref._registry.Reference` the task carries
+(explicit ``share()`` handles, automatic shares, callables sent by
+reference), which the pool compares against what its workers inherited.
+
+A task whose pickle is bigger than :data:`INLINE_LIMIT` is pickled in the
+caller's thread only to find its references and its size (the bytes are
+counted, not kept); the dispatcher pickles it again when a worker is free to
+take it (:meth:`TaskEncoder.encode_late`), so the parent holds one big pickle
+at a time, as the stdlib's pools do.
 
 Two hooks do the work, because the C pickler calls ``reducer_override`` for
 everything *except* exact ``int``/``float``/``bytes``/``str``/``list``/
@@ -43,21 +51,26 @@ import contextlib
 import functools
 import importlib
 import io
+import itertools
 import marshal
 import pickle
 import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from forkref._autoshare import AutoSharer, ByReference
 from forkref._errors import TaskPicklingError
 from forkref._registry import Reference, collect_references
 
-__all__ = ["CALL", "MAP", "STARMAP", "TaskBatch", "TaskEncoder"]
+__all__ = ["CALL", "INLINE_LIMIT", "MAP", "STARMAP", "FnBlob", "TaskBatch", "TaskEncoder"]
 
 CALL, MAP, STARMAP = 0, 1, 2
+#: Task pickles above this many bytes are made again when a worker is free to take them.
+INLINE_LIMIT = 1 << 20
+_fn_ids = itertools.count(1)
 _FAST: frozenset[type] = frozenset({int, float, bool, complex, type(None)})
 _MAX_DEPTH = 4
 _WALKED: frozenset[type] = frozenset({tuple, list, dict})
@@ -76,8 +89,54 @@ def _importable(obj: Any) -> bool:
     return found is obj
 
 
+@dataclass(frozen=True, eq=False)
+class FnBlob:
+    """A task function pickled once for every task of a call.
+
+    Attributes:
+        id: unique in this process; a worker is sent ``blob`` once per id.
+        blob: the pickled function.
+        refs: references the function carries (captured big values,
+            the function itself when it goes by reference).
+    """
+
+    id: int
+    blob: bytes
+    refs: list[Reference]
+
+
+class _Sink:
+    """The pickler's file: keeps what is written up to ``limit`` bytes, then only counts."""
+
+    __slots__ = ("limit", "parts", "size")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.parts: list[bytes] | None = []
+        self.size = 0
+
+    def reset(self) -> None:
+        self.parts = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        # The C pickler hands big payloads over as they are (a PickleBuffer of a
+        # numpy block, say), without copying them into its frame.
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        self.size += n
+        if self.parts is not None:
+            if self.limit is None or self.size <= self.limit:
+                self.parts.append(data if type(data) is bytes else bytes(memoryview(data)))
+            else:
+                self.parts = None  # too big to keep: pickled again at dispatch
+        return int(n)
+
+    def value(self) -> bytes | None:
+        return None if self.parts is None else b"".join(self.parts)
+
+
 class _TaskPickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, encoder: TaskEncoder) -> None:
+    def __init__(self, file: Any, encoder: TaskEncoder) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._encoder = encoder
 
@@ -94,8 +153,8 @@ class TaskEncoder:
         self.fork = fork
         self.start_method = start_method
 
-    def encode_function(self, fn: Any) -> tuple[bytes, list[Reference]]:
-        """Pickle a task function once for all the tasks of a call; bytes and references.
+    def encode_function(self, fn: Any) -> FnBlob:
+        """Pickle a task function once for all the tasks of a call.
 
         Raises:
             TaskPicklingError: the function cannot be pickled; says why and the fix.
@@ -105,7 +164,23 @@ class TaskEncoder:
                 blob = self._dumps(fn)
             except Exception as err:
                 raise self._explain(CALL, fn, ((), {}), err, 0) from err
-        return blob, refs
+        return FnBlob(next(_fn_ids), blob, refs)
+
+    def encode_late(self, kind: int, fn: Any, data: Any, offset: int) -> bytes:
+        """Pickle a big task's data now (at dispatch), in full.
+
+        Raises:
+            TaskPicklingError: it cannot be pickled any more (changed since submit).
+        """
+        sink = _Sink(None)
+        try:
+            with self.sharer.quiet():
+                _TaskPickler(sink, self).dump((kind, self._walk_data(kind, data, offset)))
+        except Exception as err:
+            raise self._explain(kind, fn, data, err, offset) from err
+        payload = sink.value()
+        assert payload is not None
+        return payload
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[TaskBatch]:
@@ -321,26 +396,25 @@ class TaskBatch:
         self._encoder = encoder
         #: References carried by the tasks encoded so far (appended by the pickling).
         self.refs = refs
-        self._buf = io.BytesIO()
-        self._pickler = _TaskPickler(self._buf, encoder)
+        self._sink = _Sink(INLINE_LIMIT)
+        self._pickler = _TaskPickler(self._sink, encoder)
 
-    def encode(self, kind: int, fn_blob: bytes, fn: Any, data: Any, offset: int = 0) -> bytes:
-        """Pickle one task whose function is already pickled as ``fn_blob``.
+    def encode(self, kind: int, fn: Any, data: Any, offset: int = 0) -> tuple[bytes | None, int]:
+        """Pickle one task's data: ``(payload, size)``, payload None when over INLINE_LIMIT.
 
         Raises:
             TaskPicklingError: naming the argument or item that cannot be
                 pickled, why, and the fix.
         """
         walked = self._encoder._walk_data(kind, data, offset)
-        self._buf.seek(0)
-        self._buf.truncate()
+        self._sink.reset()
         self._pickler.clear_memo()
         try:
-            self._pickler.dump((kind, fn_blob, walked))
+            self._pickler.dump((kind, walked))
         except Exception as err:
-            self._pickler = _TaskPickler(self._buf, self._encoder)  # its state is undefined now
+            self._pickler = _TaskPickler(self._sink, self._encoder)  # its state is undefined now
             raise self._encoder._explain(kind, fn, data, err, offset) from err
-        return self._buf.getvalue()
+        return self._sink.value(), self._sink.size
 
 
 def _where(kind: str, key: object, suffix: str = "") -> Callable[[], str]:

@@ -2,7 +2,13 @@
 
 Worker sockets (``AF_UNIX``, ``SOCK_STREAM``, one per worker) carry framed
 messages: an 8-byte length, then the body; bodies begin with :data:`HDR`
-(task id, op). The parent's ends are non-blocking: the dispatcher reads
+(id, op). Parent to worker: ``FN`` (id: a function id; body: the pickled
+function, sent once per worker), ``TASK`` (id: the task id; body: the
+function id as :data:`FNID`, then the pickled ``(kind, data)``), ``STOP``.
+Worker to parent: ``READY`` (started, initializer done), ``OK`` / ``ERR``
+(the task's pickled result / ``(exception, traceback text)``),
+``INIT_FAILED`` (the initializer's traceback), ``RETIRE`` (``max_tasks``
+reached). The parent's ends are non-blocking: the dispatcher reads
 whatever has arrived (:func:`read_messages`) and never waits on one worker
 while others have results for it. A zygote's control socket
 (``SOCK_SEQPACKET``) carries one small datagram per message, file
@@ -24,11 +30,14 @@ from typing import Any
 __all__ = [
     "CTRL_ID",
     "ERR",
+    "FN",
+    "FNID",
     "HDR",
     "INIT_FAILED",
     "LEN",
     "OK",
     "OWN_FDS",
+    "READY",
     "READ_SIZE",
     "RETIRE",
     "STOP",
@@ -47,8 +56,9 @@ __all__ = [
 
 LEN = struct.Struct("!Q")
 HDR = struct.Struct("!QB")
-TASK, STOP = 0, 1  # parent -> worker
-OK, ERR, INIT_FAILED, RETIRE = 0, 1, 2, 3  # worker -> parent
+FNID = struct.Struct("!Q")
+TASK, STOP, FN = 0, 1, 2  # parent -> worker
+OK, ERR, INIT_FAILED, RETIRE, READY = 0, 1, 2, 3, 4  # worker -> parent
 CTRL_ID = struct.Struct("!Qq")
 READ_SIZE = 1 << 20
 # Asked for on every worker socket; the kernel caps it at net.core.wmem_max.

@@ -1,168 +1,220 @@
-"""The process side of forkref's pools: the zygote of a generation and the worker loop.
+"""The ``fork`` launcher: one fork server ("zygote") per generation of workers.
 
-A zygote is forked from the parent once per generation, single-threaded; it
-forks workers on request (``"S"`` + a socket fd) and reports their pids
-(``"P"``) and exit statuses (``"X"``), and kills them and exits when the
-parent's end of its socket closes. A worker runs :func:`worker_loop`: the
-initializer, then tasks until told to stop, EOF, or ``max_tasks``. See
-:mod:`forkref._workers` for the whole picture.
+Parent side (:class:`ZygoteLauncher`) and process side (:func:`zygote_main`)::
 
-Non-goals: a zygote never runs user code; a worker never forks on its own
-(a pool made inside a task has its own zygote).
+    caller thread (FORK_LOCK, forkref threads paused, gc frozen)
+      fork ----------------------------------------------> zygote of generation N
+                                                            (single-threaded; never
+    dispatcher thread                                        runs user code)
+      launch(gen, wid): "S" wid + socket fd (SCM_RIGHTS) ---> fork ---> worker
+                        <--- "P" wid pid                              worker_loop(fd)
+                        <--- "X" pid exit status (it reaped one)
+      retire(gen):      "R"  (exit once the workers have)
+      kill_all(gen):    "K"  (SIGKILL every worker)
+      EOF on the control socket, either way: the other side is gone
+
+Workers are exact copies of the generation's snapshot of the parent, forked
+without a thread of the parent ever calling ``fork()``; replacements
+(``maxtasksperchild``, crashes) come from the same snapshot. A worker dies
+with its zygote (``PR_SET_PDEATHSIG``), and a zygote kills its workers and
+exits when the parent's end of its control socket closes (the parent exited,
+even by SIGKILL).
+
+Non-goals: a zygote never runs user code; it exists only to fork.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import multiprocessing.connection
 import os
-import pickle
 import select
 import signal
+import socket
 import sys
-import traceback
-import types
-from collections.abc import Callable
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
-from forkref._errors import Error, TaskPicklingError
-from forkref._taskpickle import CALL, MAP
-from forkref._wire import (
-    CTRL_ID,
-    ERR,
-    HDR,
-    INIT_FAILED,
-    OK,
-    OWN_FDS,
-    RETIRE,
-    STOP,
-    ctrl_recv,
-    ctrl_send,
-    recv,
-    send,
+from forkref._forking import fork_child
+from forkref._launcher import (
+    Channel,
+    Event,
+    Launcher,
+    ServerLost,
+    SocketChannel,
+    WorkerExited,
+    WorkerStarted,
 )
+from forkref._wire import CTRL_ID, OWN_FDS, close_fd, ctrl_recv, ctrl_send
+from forkref._worker import WorkerSetup, flush_stdio, worker_loop
 
-__all__ = [
-    "RemoteTraceback",
-    "flush_stdio",
-    "spawned_worker_main",
-    "worker_loop",
-    "zygote_main",
-]
+if TYPE_CHECKING:
+    from forkref._generations import Generation
+
+__all__ = ["ZygoteLauncher", "zygote_main"]
 
 _ZYGOTE_POLL = 0.02  # how often a zygote reaps its children
 
 
-class RemoteTraceback(Exception):
-    """The worker's traceback, attached as ``__cause__`` of a re-raised task exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
+# -- parent side ----------------------------------------------------------------
 
 
-def worker_loop(
-    fd: int,
-    initializer: Callable[..., object] | None,
-    initargs: tuple[Any, ...],
-    max_tasks: int | None,
-) -> None:
-    """Run tasks from ``fd`` until told to stop, EOF, or ``max_tasks`` done."""
-    if initializer is not None:
+class _Server:
+    """A generation's zygote as the parent sees it."""
+
+    __slots__ = ("ctrl", "pid", "wids")
+
+    def __init__(self, pid: int, ctrl: int) -> None:
+        self.pid: int | None = pid
+        self.ctrl: int | None = ctrl
+        self.wids: dict[int, int] = {}  # worker pid -> wid
+
+
+class _ZygoteChannel(SocketChannel):
+    def __init__(self, wid: int, fd: int, server: _Server) -> None:
+        super().__init__(wid, fd)
+        self._server = server
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            super().kill()
+        elif self._server.ctrl is not None:  # not forked yet, or its pid not reported yet
+            with contextlib.suppress(OSError):
+                ctrl_send(self._server.ctrl, b"K")
+
+
+class ZygoteLauncher(Launcher):
+    """Workers forked by a single-threaded fork server per generation (``fork``)."""
+
+    name = "zygote"
+    inherits = True
+    start_method = "fork"
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup = setup
+
+    def start_generation(self, gen: Generation) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctrl, zygote_ctrl = parent_end.detach(), child_end.detach()
+        OWN_FDS.add(ctrl)
         try:
-            initializer(*initargs)
-        except BaseException:
-            send(fd, HDR.pack(0, INIT_FAILED), traceback.format_exc().encode())
-            return
-    done = 0
-    while max_tasks is None or done < max_tasks:
-        try:
-            message = recv(fd)
-        except EOFError:
-            return
-        task_id, op = HDR.unpack_from(message)
-        if op == STOP:
-            return
-        reply_op, body = _run_task(memoryview(message)[HDR.size :])
-        del message
-        send(fd, HDR.pack(task_id, reply_op), body)
-        done += 1
-    send(fd, HDR.pack(0, RETIRE))
-
-
-_last_function: tuple[bytes, Any] | None = None
-
-
-def _load_function(blob: bytes) -> Any:
-    """Unpickle a task's function; a plain function is reused while the same one comes.
-
-    Only functions and classes are cached: a callable *instance* is unpickled
-    afresh for each task, as the stdlib does, so its state never leaks
-    from one task to the next.
-    """
-    global _last_function
-    if _last_function is not None and _last_function[0] == blob:
-        return _last_function[1]
-    fn = pickle.loads(blob)
-    if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
-        _last_function = (blob, fn)
-    return fn
-
-
-def _run_task(payload: memoryview) -> tuple[int, bytes]:
-    try:
-        kind, fn_blob, data = pickle.loads(payload)
-        fn = _load_function(fn_blob)
-    except BaseException as err:
-        wrapped = Error(
-            f"worker pid {os.getpid()} could not unpickle its task: {err!r}. Under spawn or "
-            "forkserver, functions and classes must be importable by the workers"
-        )
-        return _error_reply(wrapped)
-    try:
-        if kind == CALL:
-            args, kwargs = data
-            result = fn(*args, **kwargs)
-        elif kind == MAP:
-            result = list(map(fn, data))
-        else:
-            result = list(itertools.starmap(fn, data))
-    except BaseException as err:
-        return _error_reply(err)
-    del data, fn
-    try:
-        return OK, pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
-    except Exception as err:
-        cls = type(result)
-        return _error_reply(
-            TaskPicklingError(
-                f"cannot send the result ({cls.__module__}.{cls.__qualname__}) back from worker "
-                f"pid {os.getpid()}: pickling failed with {err!r}; return picklable data"
+            pid = fork_child(
+                lambda: zygote_main(zygote_ctrl, self.setup),
+                "the fork server of a new generation of pool workers",
             )
-        )
+        except BaseException:
+            close_fd(ctrl)
+            raise
+        finally:
+            os.close(zygote_ctrl)
+        gen.server = _Server(pid, ctrl)
+
+    def launch(self, gen: Generation, wid: int) -> Channel | None:
+        server: _Server = gen.server
+        if server.ctrl is None:  # the zygote is gone; never fork from this thread instead
+            return None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = parent_end.detach()
+        try:
+            ctrl_send(server.ctrl, b"S" + CTRL_ID.pack(wid, 0), [child_end.fileno()])
+        except OSError:
+            os.close(fd)
+            return None
+        finally:
+            child_end.close()
+        return _ZygoteChannel(wid, fd, server)
+
+    def watched(self, gen: Generation) -> dict[int, Any]:
+        server: _Server = gen.server
+        return {} if server.ctrl is None else {server.ctrl: server}
+
+    def on_readable(self, gen: Generation, key: Any) -> list[Event]:
+        server: _Server = gen.server
+        assert server.ctrl is not None
+        try:
+            data, _ = ctrl_recv(server.ctrl)
+        except OSError:
+            data = b""
+        if not data:
+            return [self._lost(server)]
+        a, b = CTRL_ID.unpack_from(data, 1)
+        if data[:1] == b"P":
+            server.wids[b] = a
+            return [WorkerStarted(a, b)]
+        if data[:1] == b"X" and a in server.wids:
+            return [WorkerExited(server.wids.pop(a), b)]
+        return []
+
+    def _lost(self, server: _Server) -> ServerLost:
+        close_fd(server.ctrl)
+        server.ctrl = None
+        pid, status = server.pid, None
+        if pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            server.pid = None
+        return ServerLost(pid, status)
+
+    def retire(self, gen: Generation) -> None:
+        server: _Server = gen.server
+        if server.ctrl is not None:
+            with contextlib.suppress(OSError):
+                ctrl_send(server.ctrl, b"R")
+
+    def kill_all(self, gen: Generation) -> None:
+        server: _Server = gen.server
+        if server.ctrl is not None:
+            with contextlib.suppress(OSError):
+                ctrl_send(server.ctrl, b"K")
+        super().kill_all(gen)
+
+    def reap(self, gen: Generation, timeout: float) -> None:
+        """Workers first (they die with the zygote), then the zygote itself."""
+        server: _Server = gen.server
+        self.kill_all(gen)
+        close_fd(server.ctrl)  # EOF: the zygote kills what is left and exits
+        server.ctrl = None
+        if server.pid is not None:
+            if not _wait_exit(server.pid, timeout):  # a zygote that does not go is killed
+                with contextlib.suppress(OSError):
+                    os.kill(server.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(server.pid, 0)
+            server.pid = None
+
+    def server_done(self, gen: Generation) -> bool:
+        server: _Server = gen.server
+        return server.ctrl is None and server.pid is None
+
+    def server_pids(self, gen: Generation) -> list[int]:
+        server: _Server = gen.server
+        return [] if server.pid is None else [server.pid]
 
 
-def _error_reply(err: BaseException) -> tuple[int, bytes]:
-    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    tb = f'\n"""\n{tb}"""'
-    try:
-        return ERR, pickle.dumps((err, tb), pickle.HIGHEST_PROTOCOL)
-    except Exception as why:
-        stand_in = Error(
-            f"the task raised {type(err).__qualname__}: {str(err)[:1000]} "
-            f"(the exception could not be pickled to send it back: {why!r})"
-        )
-        return ERR, pickle.dumps((stand_in, tb), pickle.HIGHEST_PROTOCOL)
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until child ``pid`` has exited (not reaping it); False on timeout."""
+    try:  # Linux >= 5.3: a pidfd becomes readable at exit, no polling loop
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            return bool(poller.poll(int(timeout * 1000)))
+        finally:
+            os.close(pidfd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        time.sleep(0.001)
+    return False
 
 
-def flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+# -- process side ---------------------------------------------------------------
 
 
 def _load_prctl() -> Any:
@@ -184,7 +236,7 @@ def _set_pdeathsig(prctl: Any, expected_parent: int) -> None:
         os._exit(1)
 
 
-def zygote_main(ctrl: int, setup: tuple[Any, ...]) -> None:
+def zygote_main(ctrl: int, setup: WorkerSetup) -> None:
     """Fork workers on request, report their exits, and take them down with us."""
     for fd in list(OWN_FDS):
         if fd != ctrl:
@@ -257,7 +309,7 @@ def _kill_all(children: set[int]) -> None:
     children.clear()
 
 
-def _worker_child(fd: int, ctrl: int, zygote: tuple[int, Any, Any], setup: tuple[Any, ...]) -> None:
+def _worker_child(fd: int, ctrl: int, zygote: tuple[int, Any, Any], setup: WorkerSetup) -> None:
     """A forked worker's life. ``zygote``: (its pid, the parent's SIGINT handler, prctl)."""
     code = 0
     zygote_pid, sigint, prctl = zygote
@@ -266,20 +318,13 @@ def _worker_child(fd: int, ctrl: int, zygote: tuple[int, Any, Any], setup: tuple
         OWN_FDS.add(fd)  # a pool made in this worker closes it in its own zygote
         _set_pdeathsig(prctl, zygote_pid)
         signal.signal(signal.SIGINT, sigint)
-        worker_loop(fd, *setup)
+        worker_loop(fd, setup)
     except BaseException:
         code = 1
         with contextlib.suppress(Exception):
+            import traceback
+
             traceback.print_exc()
     finally:
         flush_stdio()
         os._exit(code)
-
-
-def spawned_worker_main(
-    conn: multiprocessing.connection.Connection, setup: tuple[Any, ...]
-) -> None:
-    """Entry point of a worker started by spawn/forkserver."""
-    fd = os.dup(conn.fileno())
-    conn.close()
-    worker_loop(fd, *setup)

@@ -1,0 +1,97 @@
+"""What :class:`forkref.Pool` and :class:`forkref.ProcessPoolExecutor` share.
+
+Both are thin layers over one :class:`~forkref._engine.Engine`: argument
+checks, the engine's construction, memory reports, and the private
+attributes that code written for the stdlib pools reaches into.
+
+Non-goals: no behaviour of its own; each pool keeps the stdlib's API and
+semantics in its own module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from forkref._engine import Engine
+from forkref._memory import MemoryReport
+
+__all__ = ["DEFAULT_THRESHOLD", "PoolBase"]
+
+#: Arguments estimated above this many bytes are candidates for by-reference.
+DEFAULT_THRESHOLD = 2**20
+_PIDS_WAIT = 5.0  # seconds to wait for the workers' pids to be known
+
+
+class PoolBase:
+    """The engine and the introspection both pools offer."""
+
+    _engine: Engine
+
+    def _start_engine(
+        self,
+        processes: int,
+        context: BaseContext | None,
+        *,
+        initializer: Callable[..., object] | None,
+        initargs: Iterable[Any],
+        max_tasks: int | None,
+        executor_semantics: bool,
+        share_threshold: int | None,
+        auto_share: bool,
+    ) -> None:
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if share_threshold is not None and share_threshold < 0:
+            raise ValueError("share_threshold must be a number of bytes >= 0, or None")
+        self._engine = Engine(
+            processes,
+            context,
+            initializer=initializer,
+            initargs=tuple(initargs),
+            max_tasks=max_tasks,
+            executor_semantics=executor_semantics,
+            share_threshold=share_threshold,
+            auto_share=auto_share,
+        )
+
+    def memory(self) -> MemoryReport:
+        """Memory of the parent, the workers and the generations' fork servers.
+
+        Returns a :class:`forkref.MemoryReport`: USS and PSS per process, from
+        psutil. To catch peaks during a long map, sample the workers in the
+        background: ``with forkref.MemorySampler(pool.pids) as sampler: ...``.
+        """
+        return self._engine.memory()
+
+    def pids(self) -> list[int]:
+        """Pids of the live worker processes (empty before the first task)."""
+        return self._engine.pids()
+
+    def _worker_processes(self) -> dict[int, Any]:
+        """pid -> process object of every live worker (stdlib-compatible views).
+
+        Workers start (and report their pids) a moment after the first
+        task; code that reads ``_processes`` right after a submit expects
+        them, as the stdlib starts them inside ``submit()``.
+        """
+        engine = self._engine
+        deadline = time.monotonic() + _PIDS_WAIT
+        processes = engine.worker_processes()
+        while (
+            engine.generation
+            and not engine.finished.is_set()
+            and engine.accepting
+            and len(processes) < engine.processes
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.005)
+            processes = engine.worker_processes()
+        return processes
+
+    @property
+    def _mp_context(self) -> BaseContext:
+        """The ``multiprocessing`` context the workers are started with."""
+        return self._engine.context
