@@ -40,6 +40,36 @@ def _raise_in_parent_on_load() -> Any:
     return 1
 
 
+def _exit_in_parent_on_load() -> Any:
+    if os.environ.get("FORKREF_TEST_ROLE") == "parent":
+        raise SystemExit(3)  # CPython's test_exit_during_result_unpickle_in_result_handler
+    return 1
+
+
+def _interrupt_in_parent_on_load() -> Any:
+    if os.environ.get("FORKREF_TEST_ROLE") == "parent":
+        raise KeyboardInterrupt
+    return 1
+
+
+class ExitAtResultUnpickle:
+    def __reduce__(self) -> Any:
+        return _exit_in_parent_on_load, ()
+
+
+class InterruptAtResultUnpickle:
+    def __reduce__(self) -> Any:
+        return _interrupt_in_parent_on_load, ()
+
+
+def return_exit_at_result_unpickle(_: Any = None) -> ExitAtResultUnpickle:
+    return ExitAtResultUnpickle()
+
+
+def return_interrupt_at_result_unpickle(_: Any = None) -> InterruptAtResultUnpickle:
+    return InterruptAtResultUnpickle()
+
+
 class ErrorAtPickle:
     def __reduce__(self) -> Any:
         raise pickle.PicklingError("error while pickling")
@@ -117,6 +147,22 @@ CASES = [
         forkref.TaskPicklingError,
         "in the parent",
     ),
+    # A BaseException there used to kill the dispatcher: the task's future stayed
+    # pending for ever, and so did every later task of its batch (issue 8).
+    (
+        "SystemExit at result unpickle",
+        return_exit_at_result_unpickle,
+        None,
+        forkref.TaskPicklingError,
+        r"in the parent: SystemExit\(3\)",
+    ),
+    (
+        "KeyboardInterrupt at result unpickle",
+        return_interrupt_at_result_unpickle,
+        None,
+        forkref.TaskPicklingError,
+        r"in the parent: KeyboardInterrupt",
+    ),
 ]
 
 
@@ -172,6 +218,8 @@ def test_failed_fork_fails_only_its_task_and_the_pool_goes_on(
     with forkref.Pool(2) as p:
         assert p.apply(abs, (-1,)) == 1
         pending = p.apply_async(_nap, (0.3,))
+        late = forkref.share(bytearray(10))
+        pickle.dumps(late)  # whatever a pickled handle opens (the export server) is open now
         fds = _open_fds()
         real_fork = os.fork
 
@@ -180,7 +228,6 @@ def test_failed_fork_fails_only_its_task_and_the_pool_goes_on(
             raise BlockingIOError(11, "Resource temporarily unavailable")
 
         monkeypatch.setattr(os, "fork", failing_fork)
-        late = forkref.share(bytearray(10))
         with pytest.raises(forkref.ForkError, match=r"cannot fork .* submit it again"):
             p.apply(len, (late,))
         assert _open_fds() == fds  # the new generation's control socket is closed

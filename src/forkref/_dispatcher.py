@@ -345,10 +345,13 @@ class Dispatcher:
         if not w.inflight and (w.stopping or engine.terminated or engine.broken):
             return
         how = w.channel.describe_exit(w.status)
-        if not w.ready:
-            engine.break_locked(BrokenPoolError(_startup_failure(w, how, engine)), completions)
+        running = engine.scheduler.worker_gone(w)  # the tasks behind it go back to the queue
+        if not w.ready and not w.stopping:
+            err = BrokenPoolError(_startup_failure(w, how, engine))
+            if running is not None:
+                completions.append((running, -1, err))
+            engine.break_locked(err, completions)
             return
-        running = engine.scheduler.worker_gone(w)
         if running is not None:
             err = WorkerDiedError(
                 f"worker pid {w.pid} died ({how}) while running this task, so its result "
@@ -386,6 +389,11 @@ def _startup_failure(w: Worker, how: str, engine: Engine) -> str:
     method = engine.launcher.start_method
     if w.status == MAIN_GUARD_EXIT:
         return main_guard_message(method)
+    if w.status is not None and w.status < 0:
+        return (
+            f"worker pid {w.pid} was {how} while starting, before it could run any task, so "
+            "the pool is broken; create a new pool"
+        )
     if method == "fork":
         where = "in the pool's initializer"
     else:

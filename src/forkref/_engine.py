@@ -255,6 +255,8 @@ class Engine:
             self.complete([(task, -1, err) for task in tasks])
             raise
         self.scheduler.submit(tasks)
+        if self.commit_window:
+            self._commit()
         if self.dispatcher.wake():
             # Let the dispatcher have the GIL now: a submitter still pickling the
             # rest of a map would otherwise hold it for up to the switch interval
@@ -267,6 +269,14 @@ class Engine:
                 for t in lost:
                     self.scheduler.queue.remove(t)
             self.complete([(t, -1, RuntimeError("the pool was closed")) for t in lost])
+
+    def _commit(self) -> None:
+        """Mark the executor's call window running now, as the stdlib's submit() does."""
+        cancelled: list[Completion] = []
+        with self.lock:
+            self.scheduler.drain_incoming()
+            self.scheduler.commit(self.commit_window, cancelled)
+        self.complete(cancelled)
 
     def _check_accepting(self) -> None:
         if self.broken is not None:
@@ -472,12 +482,6 @@ class Engine:
                 w.channel.close()
             gen.workers.clear()
         return completions
-
-    def signal_workers(self, kill: bool) -> None:
-        """Terminate (SIGTERM) or kill (SIGKILL) every live worker now."""
-        for process in self.worker_processes().values():
-            with contextlib.suppress(Exception):
-                process.kill() if kill else process.terminate()
 
     # -- introspection --------------------------------------------------------------
 

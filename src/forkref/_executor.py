@@ -23,6 +23,7 @@ Non-goals: ``map(buffersize=...)`` (Python 3.14) is not supported.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -186,23 +187,27 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             self._engine.join()
 
     def terminate_workers(self) -> None:
-        """Send SIGTERM to every live worker now, then shut down (Python 3.14's API).
+        """Shut down at once and send SIGTERM to every live worker (Python 3.14's API).
 
-        Pending futures fail (the executor breaks, as a worker died). Do not
-        submit afterwards.
+        Futures not yet running are cancelled; the running ones fail with
+        :class:`~forkref.BrokenPoolError`. Do not submit afterwards.
         """
         self._signal_and_shutdown(kill=False)
 
     def kill_workers(self) -> None:
-        """Send SIGKILL to every live worker now, then shut down (Python 3.14's API)."""
+        """Like :meth:`terminate_workers`, with SIGKILL (Python 3.14's API)."""
         self._signal_and_shutdown(kill=True)
 
     def _signal_and_shutdown(self, kill: bool) -> None:
-        with self._shutdown_lock:
-            self._shutdown_thread = True
-        self._engine.signal_workers(kill)
-        self._engine.close()
-        self._engine.join()
+        # As Python 3.14 does: note the workers, shut down without waiting
+        # (the futures not running are cancelled), then signal the workers;
+        # the futures they were running fail as the executor breaks.
+        processes = self._worker_processes()
+        self.shutdown(wait=False, cancel_futures=True)
+        for process in processes.values():
+            with contextlib.suppress(Exception):
+                if process.is_alive():
+                    process.kill() if kill else process.terminate()
 
 
 def _results(futures: list[Future[list[T]]], end_time: float | None) -> Iterator[T]:

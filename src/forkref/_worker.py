@@ -177,12 +177,16 @@ def _run_task(functions: _Functions, body: memoryview, setup: WorkerSetup) -> tu
 
 def _unpickle_failure(err: BaseException, start_method: str) -> str:
     head = f"worker pid {os.getpid()} could not unpickle its task: {err!r}."
+    if not isinstance(err, (AttributeError, ImportError)):
+        return (
+            f"{head} The unpickling of an argument raised it (its __reduce__, __setstate__ or "
+            "reconstructor); make that object unpickle in a fresh process"
+        )
     if start_method == "fork":
         return (
             f"{head} A forked worker holds what existed in the parent when its generation "
             "forked and looks everything else up by name, so a function or class defined "
-            "after the pool's first task is not there: define it before the first task. "
-            "Otherwise an argument's own unpickling failed, as the error says"
+            "after the pool's first task is not there: define it before the first task"
         )
     return (
         f"{head} A worker started by {start_method!r} imports every function and class of "
