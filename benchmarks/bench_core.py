@@ -134,8 +134,10 @@ def main() -> int:
             pickled_rounds = 1 if size >= 2**28 else 3
             print(f"{workload} {text}: ...", file=sys.stderr, flush=True)
             rows.append(bench_size(size, workload, args.rounds, pickled_rounds))
-    print(f"{TASKS} tasks on {WORKERS} fork workers (stdlib multiprocessing.Pool), Python "
-          f"{sys.version.split()[0]}; per-task = map time / {TASKS}; totals include the fork")
+    print(
+        f"{TASKS} tasks on {WORKERS} fork workers (stdlib multiprocessing.Pool), Python "
+        f"{sys.version.split()[0]}; per-task = map time / {TASKS}; totals include the fork"
+    )
     print(report(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -17,17 +17,28 @@ One process, the same data for every contender, side by side, ratios printed:
    one long-lived ``forkref.Pool`` (a fresh generation per new object) vs a
    fresh stdlib fork Pool per iteration with the frame set as a global first.
    Time per iteration, frame construction excluded.
+4. **The pickled path's memory**: a DataFrame (``--pickled-size``, 384 MiB)
+   passed as a plain argument to 8 tasks, ``chunksize=1``, 2 workers,
+   nothing shared (``share_threshold=None``): ``forkref.Pool`` vs
+   ``multiprocessing.Pool``, each in a fresh interpreter; the parent's peak
+   RSS (it holds the frame and the pickles in flight) and each worker's peak
+   USS, sampled every 20 ms.
+5. **imap throughput**: ``imap`` and ``imap_unordered`` over ``--imap-items``
+   trivial items at ``chunksize=1``, pools already started.
 
 Run: ``python benchmarks/bench_pools.py [--df-size 1GiB] [--dicts 2000000]
-[--trivial 100000] [--chunksizes 1,100] [--late-iters 3] [--rounds 3]``.
-Best of ``--rounds`` is reported for 1 and 2.
+[--trivial 100000] [--chunksizes 1,100] [--late-iters 3] [--rounds 5]
+[--only 1,2,3,4,5]``. Rounds interleave the contenders; ratios are given as
+the median over rounds with their range (min-max).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -161,9 +172,13 @@ def scenario_big(name: str, data: Any, rounds: int, joblib_rounds: int) -> dict[
         ("mpire/forkref(share)", MPIRE, SHARE, "> 1"),
         ("joblib/forkref(share)", JOBLIB, SHARE, "> 1"),
     ):
+        # Per-round ratios (the contenders of a round ran back to back): their
+        # median and range say how far one run on this shared box can be trusted.
+        per_round = [x / y for x, y in zip(samples[a], samples[b], strict=False)]
         print(
-            f"  ratio {text:24s} best {best[a] / best[b]:6.2f}x   "
-            f"median {median[a] / median[b]:6.2f}x   (target {target})"
+            f"  ratio {text:24s} median of rounds {statistics.median(per_round):5.2f}x "
+            f"(range {min(per_round):.2f}-{max(per_round):.2f}x)   "
+            f"best/best {best[a] / best[b]:5.2f}x   (target {target})"
         )
     return best
 
@@ -233,6 +248,92 @@ def scenario_late(nbytes: int, iters: int) -> None:
     )
 
 
+def pickled_memory_child(kind: str, nbytes: int) -> None:
+    """Scenario 4 in a fresh interpreter: print one line of peaks."""
+    frame = build_frame(nbytes)
+    me = os.getpid()
+    if kind == "stdlib":
+        pool: Any = mp.get_context("fork").Pool(WORKERS)
+        pids: Callable[[], list[int]] = lambda: [p.pid for p in pool._pool]  # noqa: E731
+    else:
+        pool = forkref.Pool(WORKERS, share_threshold=None)
+        pids = pool.pids
+    jobs = [(frame, i) for i in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", forkref.PerformanceWarning)
+        with forkref.MemorySampler(lambda: [me, *pids()], interval=0.02) as sampler:
+            start = time.perf_counter()
+            pool.starmap(work, jobs, chunksize=1)
+            seconds = time.perf_counter() - start
+    pool.close()
+    pool.join()
+    peaks = {p.pid: p for p in sampler.peaks().processes}
+    workers = sorted((p.uss for pid, p in peaks.items() if pid != me), reverse=True)[:WORKERS]
+    print(seconds, peaks[me].rss, *workers)
+
+
+def scenario_pickled_memory(nbytes: int, rounds: int) -> None:
+    print(
+        f"\n== 4. the pickled path: a {nbytes / 2**20:.0f} MiB DataFrame as a plain argument to "
+        "8 tasks, chunksize=1, 2 workers (each run in a fresh interpreter) =="
+    )
+    rows: dict[str, list[list[float]]] = {"stdlib": [], "forkref": []}
+    for _ in range(rounds):
+        for kind, runs in rows.items():
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", kind, "--pickled-size", str(nbytes)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            runs.append([float(x) for x in out])
+    mib = 2**20
+    for kind, runs in rows.items():
+        rss = statistics.median(r[1] for r in runs)
+        uss = [statistics.median(r[2 + k] for r in runs) for k in range(WORKERS)]
+        secs = statistics.median(r[0] for r in runs)
+        print(
+            f"  {kind:8s} map {secs:6.2f} s   parent peak RSS {rss / mib:7.0f} MiB   "
+            f"worker peak USS {' '.join(f'{u / mib:5.0f}' for u in uss)} MiB"
+        )
+    pairs = list(zip(rows["forkref"], rows["stdlib"], strict=True))
+    ratio_rss = [f[1] / s[1] for f, s in pairs]
+    ratio_uss = [max(f[2:]) / max(s[2:]) for f, s in pairs]
+    print(
+        f"  forkref/stdlib: parent peak RSS {statistics.median(ratio_rss):.2f}x "
+        f"(range {min(ratio_rss):.2f}-{max(ratio_rss):.2f}), largest worker peak USS "
+        f"{statistics.median(ratio_uss):.2f}x (range {min(ratio_uss):.2f}-{max(ratio_uss):.2f}) "
+        f"over {rounds} rounds (target <= 1.25)"
+    )
+
+
+def scenario_imap(n: int, rounds: int) -> None:
+    print(f"\n== 5. imap over {n} trivial items, chunksize=1, pools already started ==")
+    stdlib = mp.get_context("fork").Pool(WORKERS)
+    ours = forkref.Pool(WORKERS)
+    try:
+        stdlib.map(trivial, range(8))
+        ours.map(trivial, range(8))
+        for method in ("imap", "imap_unordered"):
+            times: dict[str, list[float]] = {"stdlib": [], "forkref": []}
+            for _ in range(rounds):
+                for label, pool in (("stdlib", stdlib), ("forkref", ours)):
+                    start = time.perf_counter()
+                    total = sum(getattr(pool, method)(trivial, range(n)))
+                    times[label].append(time.perf_counter() - start)
+                    assert total == n * (n + 1) // 2
+            per_round = [s / f for s, f in zip(times["stdlib"], times["forkref"], strict=True)]
+            med_s, med_f = statistics.median(times["stdlib"]), statistics.median(times["forkref"])
+            print(
+                f"  {method:15s} stdlib {n / med_s:8.0f}/s  forkref {n / med_f:8.0f}/s   "
+                f"forkref/stdlib throughput: median of rounds {statistics.median(per_round):.2f}x "
+                f"(range {min(per_round):.2f}-{max(per_round):.2f}) (target >= 1)"
+            )
+    finally:
+        stdlib.terminate()
+        ours.terminate()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--df-size", default="1GiB", help="DataFrame size (default 1GiB)")
@@ -242,8 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--late-iters", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--joblib-rounds", type=int, default=1)
-    parser.add_argument("--only", default="1,2,3", help="scenarios to run")
+    parser.add_argument("--only", default="1,2,3,4,5", help="scenarios to run")
+    parser.add_argument("--pickled-size", default="384MiB", help="DataFrame size for scenario 4")
+    parser.add_argument("--imap-items", type=int, default=20_000, help="items for scenario 5")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        pickled_memory_child(args.memory_child, parse_size(args.pickled_size))
+        return 0
     only = set(args.only.split(","))
     nbytes = parse_size(args.df_size)
     warnings.simplefilter("ignore", forkref.ForkWarning)  # numpy/BLAS threads are expected here
@@ -262,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         scenario_trivial(args.trivial, chunks, max(args.rounds, 9))
     if "3" in only:
         scenario_late(nbytes, args.late_iters)
+    if "4" in only:
+        scenario_pickled_memory(parse_size(args.pickled_size), max(1, args.rounds // 2))
+    if "5" in only:
+        scenario_imap(args.imap_items, args.rounds)
     return 0
 
 
