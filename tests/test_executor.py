@@ -58,7 +58,7 @@ def bad_init() -> None:
     raise RuntimeError("init failed here")
 
 
-CONTEXTS = ["fork", "spawn"]
+CONTEXTS = ["fork", "forkserver", "spawn"]
 
 
 @pytest.fixture(params=CONTEXTS)
@@ -128,7 +128,7 @@ def test_as_completed_wait_and_done_callbacks(executor: forkref.ProcessPoolExecu
 def test_cancel_a_queued_future_and_shutdown_cancel_futures() -> None:
     ex = forkref.ProcessPoolExecutor(1)
     running = ex.submit(sleep_and_return, 0.5, "first")
-    while not running.running():  # a worker took it (not a timing assumption: a state)
+    while not running.running():  # in the call window (max_workers + 1), as the stdlib has it
         time.sleep(0.001)
     queued = [ex.submit(mul, i, 1) for i in range(20)]
     assert queued[-1].cancel()

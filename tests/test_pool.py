@@ -1,7 +1,10 @@
 """forkref.Pool run the way CPython's pool tests run multiprocessing.Pool, plus what forkref adds.
 
-Every test uses real forked workers. The autouse ``no_leftovers`` fixture
-(conftest) fails any test that leaves a child process behind.
+The stdlib behaviour runs under every start method (``make_pool``, the
+``pool`` fixture), as CPython's tests do; what forkref adds on top of fork
+(generations, lambdas, fork servers) runs under fork. Every test uses real
+workers. The autouse ``no_leftovers`` fixture (conftest) fails any test that
+leaves a child process behind.
 """
 
 from __future__ import annotations
@@ -94,9 +97,35 @@ def _running(pid: int) -> bool:
         return False
 
 
+METHODS = ["fork", "forkserver", "spawn"]
+
+
+def fail_at_5(x: int) -> int:
+    if x == 5:
+        raise ZeroDivisionError(x)
+    return x
+
+
+def fail_mod_4(x: int) -> int:
+    if x % 4 == 1:
+        raise ZeroDivisionError(x)
+    return x
+
+
+@pytest.fixture(params=METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def pool() -> Any:
-    with forkref.Pool(2) as p:
+def make_pool(method: str) -> Any:
+    """``forkref.Pool(...)`` under this test's start method."""
+    return functools.partial(forkref.Pool, context=multiprocessing.get_context(method))
+
+
+@pytest.fixture
+def pool(make_pool: Any) -> Any:
+    with make_pool(2) as p:
         yield p
         p.close()
         p.join()
@@ -184,12 +213,7 @@ def test_imap_ordered_and_unordered(pool: forkref.Pool) -> None:
 
 
 def test_imap_raises_at_the_failing_item(pool: forkref.Pool) -> None:
-    def maybe(x: int) -> int:
-        if x == 5:
-            raise ZeroDivisionError(x)
-        return x
-
-    it = pool.imap(maybe, range(10))
+    it = pool.imap(fail_at_5, range(10))
     assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
     with pytest.raises(ZeroDivisionError):
         next(it)
@@ -197,12 +221,7 @@ def test_imap_raises_at_the_failing_item(pool: forkref.Pool) -> None:
 
 
 def test_imap_unordered_goes_on_after_failing_items(pool: forkref.Pool) -> None:
-    def maybe(x: int) -> int:
-        if x % 4 == 1:
-            raise ZeroDivisionError(x)
-        return x
-
-    it = pool.imap_unordered(maybe, range(12))
+    it = pool.imap_unordered(fail_mod_4, range(12))
     got, errors = [], 0
     while True:
         try:
@@ -223,8 +242,8 @@ def test_imap_infinite_generator_is_consumed_lazily(pool: forkref.Pool) -> None:
     pool.terminate()
 
 
-def test_close_then_join_and_not_running() -> None:
-    p = forkref.Pool(2)
+def test_close_then_join_and_not_running(make_pool: Any) -> None:
+    p = make_pool(2)
     assert p.map(sqr, range(4)) == [0, 1, 4, 9]
     with pytest.raises(ValueError, match="still running"):
         p.join()
@@ -240,8 +259,8 @@ def test_close_then_join_and_not_running() -> None:
     p.terminate()  # after join: harmless
 
 
-def test_terminate_fails_pending_results_instead_of_hanging() -> None:
-    p = forkref.Pool(1)
+def test_terminate_fails_pending_results_instead_of_hanging(make_pool: Any) -> None:
+    p = make_pool(1)
     res = p.apply_async(sqr, (2, 10.0))
     queued = p.apply_async(sqr, (3,))
     p.terminate()
@@ -253,8 +272,8 @@ def test_terminate_fails_pending_results_instead_of_hanging() -> None:
         queued.get(timeout=5)
 
 
-def test_context_manager_terminates() -> None:
-    with forkref.Pool(2) as p:
+def test_context_manager_terminates(make_pool: Any) -> None:
+    with make_pool(2) as p:
         assert p.apply(sqr, (2,)) == 4
         pids = p._engine.pids()
     assert not wait_gone(pids)
@@ -271,21 +290,23 @@ def test_bad_arguments() -> None:
         forkref.Pool(1, initializer=3)  # type: ignore[arg-type]
 
 
-def test_initializer_runs_in_every_worker() -> None:
-    with forkref.Pool(2, initializer=initializer, initargs=("hello",)) as p:
+def test_initializer_runs_in_every_worker(make_pool: Any) -> None:
+    with make_pool(2, initializer=initializer, initargs=("hello",)) as p:
         assert all(v == ["hello"] for v in p.map(initialized, range(8), chunksize=1))
 
 
-def test_failing_initializer_breaks_the_pool_instead_of_respawning_forever() -> None:
-    with forkref.Pool(2, initializer=failing_initializer) as p:
+def test_failing_initializer_breaks_the_pool_instead_of_respawning_forever(
+    make_pool: Any,
+) -> None:
+    with make_pool(2, initializer=failing_initializer) as p:
         with pytest.raises(forkref.BrokenPoolError, match="initializer says no"):
             p.apply(sqr, (1,))
         with pytest.raises(forkref.BrokenPoolError):
             p.apply(sqr, (1,))
 
 
-def test_maxtasksperchild_replaces_workers() -> None:
-    with forkref.Pool(2, maxtasksperchild=1) as p:
+def test_maxtasksperchild_replaces_workers(make_pool: Any) -> None:
+    with make_pool(2, maxtasksperchild=1) as p:
         pids = p.map(pid_of, range(10), chunksize=1)
         assert len(set(pids)) == 10  # one task (chunk) per worker
         assert p.map(sqr, range(10)) == [x * x for x in range(10)]
@@ -317,9 +338,9 @@ def test_pool_size_and_worker_pids(pool: forkref.Pool) -> None:
     ],
 )
 def test_worker_death_fails_its_task_and_the_pool_goes_on(
-    kill: Any, args: tuple[Any, ...], exitcode: int, text: str
+    make_pool: Any, kill: Any, args: tuple[Any, ...], exitcode: int, text: str
 ) -> None:
-    with forkref.Pool(2) as p:
+    with make_pool(2) as p:
         p.map(sqr, range(4))
         with pytest.raises(forkref.WorkerDiedError, match=text) as info:
             p.apply(kill, args)
@@ -546,8 +567,8 @@ def test_unpicklable_argument_names_it() -> None:
         assert p.apply(sqr, (2,)) == 4  # the pool is fine
 
 
-def test_unpicklable_result_is_an_error_not_a_hang() -> None:
-    with forkref.Pool(1) as p:
+def test_unpicklable_result_is_an_error_not_a_hang(make_pool: Any) -> None:
+    with make_pool(1) as p:
         with pytest.raises(forkref.TaskPicklingError, match="result"):
             p.apply(threading.Lock)
         assert p.apply(sqr, (2,)) == 4
