@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 find_python = $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || command -v python$(1) 2>/dev/null)
 MAIN_PYTHON := $(or $(call find_python,$(MAIN_VERSION)),$(shell command -v python3))
 
-.PHONY: demo test lint unit smoke bench clean
+.PHONY: demo test lint unit smoke conformance bench clean
 
 $(VENV)/.stamp-%: pyproject.toml
 	@test -x $(PY) || $(MAIN_PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ demo: $(VENV)/.stamp-demo
 test: lint unit smoke
 
 lint: $(VENV)/.stamp-test,lint
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks conformance
 	$(VENV)/bin/mypy --strict src/forkref
 
 unit: $(VENV)/.stamp-test,lint
@@ -51,6 +51,22 @@ smoke:
 	  echo "smoke: Python $$v ($$py)"; \
 	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
 	done
+
+# CPython 3.13's own process-pool tests (test_concurrent_futures, and the Pool tests of
+# _test_multiprocessing) against forkref's pools under fork, forkserver and spawn, in
+# .venv-3.13 as `make smoke` builds it. Skipped, with a message, where Python 3.13 is not
+# installed. `make conformance CONFORMANCE_ARGS="--json out.json --method fork"`;
+# `.venv-3.13/bin/python -m conformance --help` lists the options.
+CONFORMANCE_ARGS ?=
+conformance:
+	@py='$(call find_python,3.13)'; \
+	if [ -z "$$py" ]; then echo "conformance: Python 3.13 not installed, skipped"; exit 0; fi; \
+	venv=.venv-3.13; \
+	if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
+	  $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
+	  $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; \
+	fi; \
+	$$venv/bin/python -m conformance $(CONFORMANCE_ARGS)
 
 # Every benchmark, one after the other on a quiet machine (about 10 minutes);
 # ray joins bench_shm.py when installed (pip install ray).

@@ -1,0 +1,1 @@
+"""CPython's own pool tests run against forkref's pools; ``python -m conformance --help``."""
