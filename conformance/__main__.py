@@ -34,7 +34,7 @@ from types import FrameType
 from conformance import deviations as dev
 from conformance import suites, supervise
 from conformance.child import ONLY_ENV
-from conformance.report import render_json, render_text
+from conformance.report import load_json, render_json, render_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEVIATIONS = os.path.join(HERE, "deviations.toml")
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="print each failure's whole traceback, not only its key lines")
     p.add_argument("--keep", metavar="DIR",
                    help="keep the test processes' logs and event files in DIR")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: judge the results --json wrote to FILE against the "
+                        "deviations again and report")
     return p
 
 
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"conformance: cannot read the deviations: {err}", file=sys.stderr)
         return 2
+    if args.from_json:
+        results, target, wall = load_json(args.from_json)
+        return _report(args, results, deviations, target, wall)
     reason = _skip_reason()
     if reason is not None:
         print(f"conformance: SKIPPED: {reason}")
@@ -156,12 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     wall = round(time.monotonic() - started, 1)
-    text, status = render_text(results, deviations, args.target, wall,
+    return _report(args, results, deviations, args.target, wall)
+
+
+def _report(args: argparse.Namespace, results: list[supervise.ModuleResult],
+            deviations: list[dev.Deviation], target: str, wall: float) -> int:
+    text, status = render_text(results, deviations, target, wall,
                                strict=args.strict, details=args.details)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(render_json(results, deviations, args.target, wall), f, indent=1)
+            json.dump(render_json(results, deviations, target, wall), f, indent=1)
     return status
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 from collections import defaultdict
@@ -11,8 +12,10 @@ from conformance import deviations as dev
 from conformance.suites import START_METHODS, SUITE_TITLES
 from conformance.supervise import ModuleResult, TestOutcome
 
-__all__ = ["key_line", "render_json", "render_text", "where"]
+__all__ = ["key_line", "load_json", "render_json", "render_text", "where"]
 
+# Parts of a message that differ between runs: pids and object addresses.
+_VARYING = re.compile(r"(?<=pid )\d+|0x[0-9a-f]+")
 COLUMNS = ("run", "passed", "skipped", "deviations", "failed", "hangs", "stale")
 # A frame in a traceback ('  File "f", line 3, in g') or a faulthandler dump ('in g').
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+),? in (?P<func>.+)$')
@@ -122,20 +125,25 @@ def _table(counts: dict[str, dict[str, dict[str, int]]]) -> list[str]:
     return lines
 
 
+def _placeholder(match: re.Match[str]) -> str:
+    return "0x..." if match[0].startswith("0x") else "N"
+
+
 def _grouped(items: list[tuple[ModuleResult, TestOutcome, str, dev.Deviation | None]],
              details: bool) -> list[str]:
     """One entry per test and distinct message, naming the suites/methods it happened under."""
     groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     texts: dict[tuple[str, str, str], str] = {}
     for result, outcome, _, _ in items:
-        key = (outcome.neutral, outcome.outcome, key_line(outcome.detail))
+        message = _VARYING.sub(_placeholder, key_line(outcome.detail))
+        key = (outcome.neutral, outcome.outcome, message)
         groups[key].append(f"{result.suite}/{result.method}")
         texts.setdefault(key, outcome.detail)
     lines = []
     for key in sorted(groups):
         neutral, kind, message = key
         lines.append(f"  {neutral}  [{kind}; {', '.join(groups[key])}]")
-        lines.append(f"      {message}")
+        lines.append(f"      {message if len(message) <= 400 else message[:400] + ' ...'}")
         location = where(texts[key])
         if location:
             lines.append(f"      at {location}")
@@ -184,7 +192,8 @@ def render_json(results: list[ModuleResult], deviations: list[dev.Deviation], ta
                      "seconds": r.seconds, "attempts": r.attempts,
                      "left_processes": r.left_processes, "left_segments": r.left_segments}
                     for r in results],
-        "tests": [{"suite": r.suite, "method": r.method, "id": o.id, "neutral": o.neutral,
+        "tests": [{"suite": r.suite, "method": r.method, "module": r.module,
+                   "id": o.id, "neutral": o.neutral,
                    "outcome": o.outcome, "verdict": verdict,
                    "stale": verdict == dev.PASSED and entry is not None,
                    "deviation": entry.reason if entry else None, "seconds": o.seconds,
@@ -192,3 +201,20 @@ def render_json(results: list[ModuleResult], deviations: list[dev.Deviation], ta
                    "where": where(o.detail), "detail": o.detail}
                   for r, o, verdict, entry in verdicts],
     }
+
+
+def load_json(path: str) -> tuple[list[ModuleResult], str, float]:
+    """The module results, target and wall time of a run that :func:`render_json` wrote."""
+    with open(path) as f:
+        data = json.load(f)
+    results = {}
+    for m in data["modules"]:
+        result = ModuleResult(m["suite"], m["method"], m["module"], attempts=m["attempts"],
+                              seconds=m["seconds"], left_processes=m["left_processes"],
+                              left_segments=m["left_segments"])
+        results[m["suite"], m["method"], m["module"]] = result
+    for t in data["tests"]:
+        result = results[t["suite"], t["method"], t["module"]]
+        result.outcomes.append(TestOutcome(t["id"], t["neutral"], t["outcome"], t["detail"],
+                                           t["seconds"]))
+    return list(results.values()), data["target"], data["wall_seconds"]

@@ -389,7 +389,8 @@ def _blame(result: ModuleResult, run: _Attempt, order: list[tuple[str, str]],
         seconds = time.monotonic() - watch.current_since
     elif watch.finished or (watch.outcomes and watch.last_ended is not None):
         # Between tests: a class or module fixture, or the interpreter's exit.
-        what = "interpreter exit" if watch.finished else f"fixture after {watch.last_ended}"
+        last = watch.neutral.get(watch.last_ended or "", watch.last_ended)
+        what = "interpreter exit" if watch.finished else f"teardown or setup after {last}"
         result.outcomes.append(_pseudo(result.module, what, failure, run.detail))
         blamed, seconds = None, 0.0
     else:  # no progress at all: the first test left, so that every attempt advances
