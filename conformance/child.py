@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import faulthandler
 import fnmatch
+import gc
 import json
 import os
 import signal
@@ -77,6 +78,11 @@ class _Result(unittest.TestResult):
     def stopTest(self, test: unittest.TestCase) -> None:
         super().stopTest(test)
         outcome, detail = self._outcome
+        if outcome in ("fail", "error"):
+            # The failure's traceback keeps the test's locals, often a pool, alive in a
+            # reference cycle: collect it now, or its workers (which hold multiprocessing's
+            # resource tracker open) make the module's teardown wait for ever.
+            gc.collect()
         seconds = round(time.monotonic() - self._started, 3)
         self._events.emit(event="end", id=test.id(), outcome=outcome, detail=detail,
                           seconds=seconds)
