@@ -106,6 +106,7 @@ def _run(jobs: list[supervise.Job], settings: supervise.Settings,
                       f" {len(result.outcomes):3d} tests  {result.seconds:6.1f} s", flush=True)
         except KeyboardInterrupt:
             supervise.STOP.set()  # every attempt tears its processes down and returns
+            pool.shutdown(cancel_futures=True)
             raise
     return results
 

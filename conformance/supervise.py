@@ -421,7 +421,7 @@ def run_module(job: Job, settings: Settings) -> ModuleResult:
             result.left_processes += run.left_processes
             for name, detail in run.watch.fixture_errors:
                 result.outcomes.append(TestOutcome(name, name, "error", detail, 0.0))
-            if run.failure is None or not _blame(result, run, order, done):
+            if run.failure is None or STOP.is_set() or not _blame(result, run, order, done):
                 break
             ids = [test_id for test_id, _ in order if test_id not in done]
     finally:
