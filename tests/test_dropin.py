@@ -16,6 +16,7 @@ import multiprocessing.pool
 import os
 import signal
 import time
+import warnings
 import weakref
 from typing import Any
 
@@ -130,7 +131,9 @@ def test_private_attributes_code_in_the_wild_uses(method: str) -> None:
         assert ex._broken is False
         future = ex.submit(sleep_for, 30)
         processes = ex._processes  # CPython's test_killed_child reads this right after submit
-        assert len(processes) == 2
+        # As the stdlib: fork starts every worker at once, spawn/forkserver one per
+        # task while none is idle (bpo-39207).
+        assert len(processes) == (2 if method == "fork" else 1)
         victim = next(iter(processes.values()))
         assert victim.is_alive()
         assert victim.exitcode is None
@@ -211,3 +214,150 @@ def test_shutdown_cancel_futures_keeps_the_running_ones(method: str) -> None:
         for f in others:
             assert f.done()
             assert f.exception() is None
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_spawn_workers_start_on_demand_and_idle_ones_are_reused(method: str) -> None:
+    """CPython's test_idle_process_reuse_*: a spawn worker costs far more than a fork."""
+    ctx = multiprocessing.get_context(method)
+    with forkref.ProcessPoolExecutor(5, mp_context=ctx) as ex:
+        for _ in range(3):
+            assert ex.submit(abs, -21).result(timeout=60) == 21
+        assert len(ex._processes) == 1
+        slow = [ex.submit(sleep_for, 0.5) for _ in range(3)]
+        for future in slow:
+            future.result(timeout=60)
+        assert len(ex._processes) == 3  # one per task that found no idle worker
+
+
+def iterable_that_raises(n: int) -> Any:
+    yield from range(n)
+    raise OSError("the iterable failed")
+
+
+class SizedButRaising:
+    def __len__(self) -> int:
+        return 3
+
+    def __iter__(self) -> Any:
+        return iterable_that_raises(1)
+
+
+def test_an_exception_from_the_iterable_reaches_the_caller_as_the_stdlib_does() -> None:
+    """CPython's test_map_handle_iterable_exception hung; test_imap_handle_iterable_exception
+    saw imap() itself raise instead of next()."""
+    with forkref.Pool(2) as p:
+        with pytest.raises(OSError, match="the iterable failed") as caught:
+            p.map(abs, SizedButRaising(), 1)
+        assert caught.value.__cause__ is None  # the caller's own exception, not a worker's
+        it = p.imap(abs, iterable_that_raises(3), 1)  # does not raise here
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(OSError, match="the iterable failed"):
+            next(it)
+        with pytest.raises(StopIteration):
+            next(it)
+        unordered = p.imap_unordered(abs, iterable_that_raises(2), 1)
+        got, errors = [], 0
+        while True:
+            try:
+                got.append(next(unordered))
+            except OSError:
+                errors += 1
+            except StopIteration:
+                break
+        assert sorted(got) == [0, 1]
+        assert errors == 1
+
+
+def return_a_lock(_: object = None) -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+def test_an_unpicklable_result_is_a_maybe_encoding_error_and_fails_only_its_task() -> None:
+    errors: list[BaseException] = []
+    with forkref.Pool(2) as p:
+        for _ in range(5):
+            res = p.apply_async(return_a_lock, error_callback=errors.append)
+            with pytest.raises(multiprocessing.pool.MaybeEncodingError) as caught:  # type: ignore[attr-defined]
+                res.get(timeout=30)
+            assert isinstance(caught.value, forkref.TaskPicklingError)
+            assert "lock" in caught.value.exc
+            assert caught.value.value.startswith("<unlocked _thread.lock")
+            assert "cannot send the result" in str(caught.value)
+        assert len(errors) == 5
+        assert p.map(abs, [-1, -2]) == [1, 2]
+
+
+class ExitAtPickle:
+    def __reduce__(self) -> Any:
+        raise SystemExit(4)
+
+
+def return_exit_at_pickle(_: object = None) -> ExitAtPickle:
+    return ExitAtPickle()
+
+
+def test_systemexit_while_pickling_a_result_is_the_tasks_error_not_a_death() -> None:
+    """CPython's test_exit_during_result_pickle_on_worker: the worker goes on."""
+    with forkref.ProcessPoolExecutor(1) as ex:
+        pid = ex.submit(os.getpid).result(timeout=30)
+        with pytest.raises(SystemExit):
+            ex.submit(return_exit_at_pickle).result(timeout=30)
+        assert ex.submit(os.getpid).result(timeout=30) == pid
+
+
+def test_a_running_pool_collected_warns_as_the_stdlib_does() -> None:
+    p = forkref.Pool(1)
+    p.apply(abs, (1,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del p
+        gc.collect()
+    assert any(
+        issubclass(w.category, ResourceWarning)
+        and "unclosed running multiprocessing pool" in str(w.message)
+        for w in caught
+    )
+
+
+def test_stdlib_internals_views_wait_for_the_shutdown() -> None:
+    """CPython's test_shutdown_no_wait reads these and joins them after shutdown(wait=False)."""
+    ex = forkref.ProcessPoolExecutor(2)
+    assert ex._executor_manager_thread is None  # nothing started yet, as the stdlib
+    results = ex.map(abs, range(-5, 5))
+    manager, call_queue, processes = ex._executor_manager_thread, ex._call_queue, ex._processes
+    assert manager is not None
+    assert call_queue is not None
+    ex.shutdown(wait=False)
+    manager.join()
+    call_queue.join_thread()
+    for process in processes.values():
+        process.join()
+        assert not process.is_alive()
+    assert not manager.is_alive()
+    assert list(results) == [abs(v) for v in range(-5, 5)]
+
+
+def test_submit_from_an_atexit_hook_names_interpreter_shutdown(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import atexit, forkref\n"
+        "@atexit.register\n"
+        "def run_last():\n"
+        "    try:\n"
+        "        ex.submit(id, None)\n"
+        "    except RuntimeError as err:\n"
+        "        print('runtime-error:', err)\n"
+        "if __name__ == '__main__':\n"
+        "    ex = forkref.ProcessPoolExecutor(2)\n"
+        "    ex.submit(id, 42).result()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "runtime-error: cannot schedule new futures after interpreter shutdown" in done.stdout

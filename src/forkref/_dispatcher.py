@@ -185,15 +185,21 @@ class Dispatcher:
         gen = engine.generations.current()
         if gen is None or engine.broken is not None or engine.terminated:
             return
-        engine.scheduler.dispatch(gen, completions)
+        active = sum(1 for w in gen.workers if w.accepting())
+        # On demand, a busy worker is not given a second task while the pool can
+        # still grow: the task waits for a worker of its own instead.
+        growing = engine.on_demand and active < engine.processes
+        engine.scheduler.dispatch(gen, completions, max_depth=1 if growing else None)
         if not engine.accepting and not engine.scheduler.pending():
             self._stop_idle(gen)
             return
-        active = sum(1 for w in gen.workers if w.accepting())
-        for _ in range(engine.processes - active):
+        wanted = engine.processes - active
+        if engine.on_demand:
+            wanted = min(wanted, len(engine.scheduler.queue))
+        for _ in range(wanted):
             if not self._launch(gen, completions):
                 return
-        if active < engine.processes:
+        if wanted > 0:
             engine.scheduler.dispatch(gen, completions)  # the new workers take queued tasks
 
     def _launch(self, gen: Generation, completions: list[Completion]) -> bool:

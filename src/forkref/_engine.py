@@ -136,6 +136,9 @@ class Engine:
         self.wids = itertools.count(1)
         # concurrent.futures marks max_workers + 1 queued futures running (its call queue).
         self.commit_window = processes + 1 if executor_semantics else 0
+        # concurrent.futures starts a spawn/forkserver worker only when no worker is idle
+        # (bpo-39207): starting one costs far more than forking.
+        self.on_demand = executor_semantics and not self.launcher.inherits
         self.accepting = True
         self.terminated = False
         self.broken: BrokenPoolError | None = None
@@ -237,6 +240,8 @@ class Engine:
             refs = batch.refs + fn_blob.refs
         if tasks:
             self._enqueue(tasks, refs)
+        elif not self._started:  # a submit starts the workers, as the stdlib's does
+            self._ensure_generation([])
 
     def _encode_late(self, task: Task) -> bytes:
         """The dispatcher pickles a big task only when a worker is free to take it."""
@@ -494,6 +499,21 @@ class Engine:
         """Pids of the generations' fork servers."""
         with self.lock:
             return self.generations.server_pids()
+
+    def settled(self) -> bool:
+        """The dispatcher has placed what was submitted and every worker it started has a pid."""
+        with self.lock:
+            if self.scheduler.incoming or self.finished.is_set():
+                return self.finished.is_set()
+            gen = self.generations.current()
+            if gen is None:
+                return True
+            if any(w.pid is None for w in gen.workers):
+                return False
+            started = sum(1 for w in gen.workers if w.accepting())
+            if self.on_demand:
+                return started == self.processes or not self.scheduler.queue
+            return started == self.processes
 
     def worker_processes(self) -> dict[int, Any]:
         """pid -> a process object (``multiprocessing.Process`` or a forked-worker view)."""

@@ -10,7 +10,9 @@ Hierarchy::
           │    └── WorkerDiedError      a worker died while running a task
           ├── ForkError                 os.fork() failed for a new generation of workers
           ├── TaskPicklingError         a task's function, argument or result cannot be
-          │                             pickled (also a pickle.PicklingError)
+          │    │                        pickled (also a pickle.PicklingError)
+          │    └── ResultPicklingError  a result cannot be pickled in the worker (also a
+          │                             multiprocessing.pool.MaybeEncodingError)
           ├── SharedMemoryError         a segment could not be made, written or mapped
           │    └── SharedMemoryFullError  the segment directory has no room
           ├── CompactError              an item cannot go into or come out of a compact container
@@ -134,7 +136,13 @@ class MemoryAccessError(MemoryReportError):
 #     RuntimeWarning
 #      └── ForkWarning                the pool forks while other threads run
 
-__all__ += ["BrokenPoolError", "ForkWarning", "TaskPicklingError", "WorkerDiedError"]
+__all__ += [
+    "BrokenPoolError",
+    "ForkWarning",
+    "ResultPicklingError",
+    "TaskPicklingError",
+    "WorkerDiedError",
+]
 
 import pickle as _pickle  # noqa: E402  (kept next to the classes that need it)
 from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool  # noqa: E402
@@ -174,6 +182,47 @@ class TaskPicklingError(Error, _pickle.PicklingError):
     """
 
     __module__ = "forkref"
+
+
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # typeshed has no MaybeEncodingError
+    _MaybeEncodingError = Exception
+else:
+    from multiprocessing.pool import MaybeEncodingError as _MaybeEncodingError
+
+
+class ResultPicklingError(TaskPicklingError, _MaybeEncodingError):
+    """A task's result cannot be pickled in the worker to send it back.
+
+    Also a ``multiprocessing.pool.MaybeEncodingError``, what
+    ``multiprocessing.Pool`` raises there, with its ``exc`` and ``value``
+    attributes (``repr`` of the pickling error and of the result). The task
+    alone fails; the worker and the pool go on.
+    """
+
+    __module__ = "forkref"
+
+    def __init__(self, message: str, exc: object = None, value: object = None) -> None:
+        Exception.__init__(self, message)  # not the result itself: it may be big, or unpicklable
+        self.exc = repr(exc)
+        self.value = repr(value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_result_error, (self.args[0], self.exc, self.value))
+
+    def __repr__(self) -> str:
+        return f"ResultPicklingError({self.args[0]!r})"
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _rebuild_result_error(message: str, exc: str, value: str) -> ResultPicklingError:
+    # The reprs travel, never the unpicklable result itself.
+    err = ResultPicklingError(message)
+    err.exc, err.value = exc, value
+    return err
 
 
 class ForkWarning(RuntimeWarning):

@@ -35,13 +35,31 @@ from typing import Any, TypeVar
 
 from forkref._errors import BrokenPoolError, TaskPicklingError
 from forkref._pool import chunked
-from forkref._poolbase import DEFAULT_THRESHOLD, PoolBase
+from forkref._poolbase import DEFAULT_THRESHOLD, EngineLifetime, PoolBase
 from forkref._scheduler import Cancelled
 from forkref._taskpickle import CALL, STARMAP
 
 __all__ = ["ProcessPoolExecutor"]
 
 T = TypeVar("T")
+
+# Set once the interpreter starts to exit, before atexit callbacks run (as the
+# stdlib's executor does): a submit from one of those then says why it fails.
+_global_shutdown = False
+_exit_hook_registered = False
+
+
+def _python_exit() -> None:
+    global _global_shutdown
+    _global_shutdown = True
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        with contextlib.suppress(RuntimeError):  # already shutting down
+            threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
 def _completer(future: Future[Any]) -> Callable[[bool, Any], None]:
@@ -109,6 +127,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False
+        _register_exit_hook()
         # Collected without shutdown(): like the stdlib, pending work still runs, then workers exit.
         self._finalizer = weakref.finalize(self, self._engine.close)
 
@@ -121,6 +140,16 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
     def _processes(self) -> dict[int, Any]:
         """pid -> process of every live worker, as the stdlib's executor has it."""
         return self._worker_processes()
+
+    @property
+    def _executor_manager_thread(self) -> EngineLifetime | None:
+        """The stdlib's manager thread, as far as code uses it: ``join()`` after a shutdown."""
+        return EngineLifetime(self._engine) if self._engine.generation else None
+
+    @property
+    def _call_queue(self) -> EngineLifetime | None:
+        """The stdlib's call queue, as far as code uses it: ``join_thread()``, ``close()``."""
+        return EngineLifetime(self._engine) if self._engine.generation else None
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)``; return its ``concurrent.futures.Future``.
@@ -141,6 +170,8 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
                 raise BrokenPoolError(str(self._engine.broken))
             if self._shutdown_thread:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if _global_shutdown:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         futures: list[Future[Any]] = []
         tasks = []
         for data in chunks:

@@ -33,6 +33,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from multiprocessing.context import BaseContext
@@ -222,7 +223,13 @@ class IMapIterator(Generic[T]):
             return
         tasks: list[tuple[list[Any], Callable[[bool, Any], None], int]] = []
         while everything or ahead + len(tasks) < self._window:
-            item = next(self._source, None)
+            try:
+                item = next(self._source, None)
+            except Exception as err:  # the caller's iterable raised: next() raises it, in turn
+                self._exhausted = True
+                self._set(self._submitted + len(tasks), False, err)
+                self._submitted += 1
+                break
             if item is None:
                 self._exhausted = True
                 break
@@ -237,6 +244,21 @@ class IMapIterator(Generic[T]):
             self._done[index] = (ok, value)
             self._order.append(index)
             self._cond.notify()
+
+
+def _guarded_tasks(
+    result: MapResult[Any], items: Iterable[Any], chunksize: int
+) -> Iterator[tuple[list[Any], Callable[[bool, Any], None], int]]:
+    """A map's tasks, cut lazily: the first goes to a worker before the next is cut.
+
+    An exception raised by the caller's iterable fails the map with that very
+    exception, as the stdlib's ``_guarded_task_generation`` does.
+    """
+    try:
+        for index, chunk in enumerate(chunked(items, chunksize)):
+            yield chunk, functools.partial(result._set_chunk, index), index * chunksize
+    except Exception as err:
+        result._set(False, err)
 
 
 def chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -306,6 +328,12 @@ class Pool(PoolBase):
 
     def __repr__(self) -> str:
         return f"<forkref.Pool state={self._state} pool_size={self._processes}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # As multiprocessing.Pool: a pool collected while running was never closed.
+        # (The finalizer terminates it; this only says so.)
+        if getattr(self, "_state", None) == "RUN":
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     # -- submitting -------------------------------------------------------------
 
@@ -437,12 +465,7 @@ class Pool(PoolBase):
                 chunksize += 1
         chunksize = max(chunksize, 1)
         result: MapResult[Any] = MapResult(self, len(items), chunksize, callback, error_callback)
-        # A generator: the first chunk goes to a worker before the next is even cut.
-        tasks = (
-            (chunk, functools.partial(result._set_chunk, index), index * chunksize)
-            for index, chunk in enumerate(chunked(items, chunksize))
-        )
-        self._submit(kind, func, tasks)
+        self._submit(kind, func, _guarded_tasks(result, items, chunksize))
         return result
 
     def imap(

@@ -79,19 +79,40 @@ class PoolBase:
         """
         engine = self._engine
         deadline = time.monotonic() + _PIDS_WAIT
-        processes = engine.worker_processes()
-        while (
-            engine.generation
-            and not engine.finished.is_set()
-            and engine.accepting
-            and len(processes) < engine.processes
-            and time.monotonic() < deadline
-        ):
+        while engine.generation and not engine.settled() and time.monotonic() < deadline:
             time.sleep(0.005)
-            processes = engine.worker_processes()
-        return processes
+        return engine.worker_processes()
 
     @property
     def _mp_context(self) -> BaseContext:
         """The ``multiprocessing`` context the workers are started with."""
         return self._engine.context
+
+
+class EngineLifetime:
+    """The engine's lifetime with the methods code calls on the stdlib executor's internals.
+
+    ``executor._executor_manager_thread.join()`` and
+    ``executor._call_queue.join_thread()`` wait, in the stdlib, until the
+    executor's threads have handed over every task and exited after a
+    shutdown. forkref has one engine behind both: they wait until it is
+    finished (every task done, every worker gone).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the engine is finished (after a shutdown), at most ``timeout`` seconds."""
+        self._engine.join(timeout)
+
+    def join_thread(self) -> None:
+        """Like :meth:`join` (``multiprocessing.Queue.join_thread``)."""
+        self._engine.join()
+
+    def is_alive(self) -> bool:
+        """Whether the engine still runs."""
+        return not self._engine.finished.is_set()
+
+    def close(self) -> None:
+        """Nothing to do: the engine closes itself once shut down."""

@@ -201,13 +201,17 @@ class Scheduler:
         self.queue = collections.deque(t for t in self.queue if t.started)
         return cancelled
 
-    def dispatch(self, gen: Generation, completions: list[Completion]) -> None:
-        """Send queued tasks to the workers of ``gen`` that may take them."""
+    def dispatch(
+        self, gen: Generation, completions: list[Completion], max_depth: int | None = None
+    ) -> None:
+        """Send queued tasks to the workers of ``gen`` that may take them (``max_depth`` each)."""
         # One depth for the generation, from its slowest worker: a depth per worker
         # let one that had run a few quick tasks take 32 slow ones while the
         # others idled (a fair share of the queue is what the stdlib gives).
         slowest = max((w.service for w in gen.workers if w.live()), default=_FAST_TASK)
         depth = _DEPTH_FAST if slowest < _FAST_TASK else _DEPTH_SLOW
+        if max_depth is not None:
+            depth = min(depth, max_depth)
         while self.queue:
             w = self._pick_worker(gen, self.queue[0].size, depth)
             if w is None:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from forkref._errors import Error, TaskPicklingError
+from forkref._errors import Error, ResultPicklingError
 from forkref._taskpickle import CALL, MAP
 from forkref._wire import (
     ERR,
@@ -116,9 +116,28 @@ def _initialize(fd: int, setup: WorkerSetup) -> bool:
         else:  # what a multiprocessing.Pool worker dying of it prints
             print(f"Process forkref worker pid {os.getpid()}:", file=sys.stderr)
             traceback.print_exc()
-        send(fd, HDR.pack(0, INIT_FAILED), traceback.format_exc().encode())
+        report = traceback.format_exc().encode()
+        _flush_before_reporting()
+        send(fd, HDR.pack(0, INIT_FAILED), report)
         return False
     return True
+
+
+def _flush_before_reporting() -> None:
+    """Deliver what the failing initializer logged before the parent hears of the failure.
+
+    A log handler may write through a ``multiprocessing.Queue``, whose feeder
+    thread sends later; the stdlib's worker flushes it by running
+    multiprocessing's exit finalizers as it exits. The parent breaks the
+    pool (and kills the workers) as soon as INIT_FAILED arrives, so run them
+    now. Only finalizers made in this process run (each checks its pid).
+    """
+    import multiprocessing.util
+
+    flush_stdio()
+    with contextlib.suppress(Exception):
+        multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
+        multiprocessing.util._run_finalizers()  # type: ignore[attr-defined]
 
 
 class _Functions:
@@ -168,11 +187,15 @@ def _run_task(functions: _Functions, body: memoryview, setup: WorkerSetup) -> tu
     except Exception as err:
         cls = type(result)
         return _error_reply(
-            TaskPicklingError(
+            ResultPicklingError(
                 f"cannot send the result ({cls.__module__}.{cls.__qualname__}) back from worker "
-                f"pid {os.getpid()}: pickling failed with {err!r}. Return picklable data"
+                f"pid {os.getpid()}: pickling failed with {err!r}. Return picklable data",
+                err,
+                result,
             )
         )
+    except BaseException as err:  # SystemExit from a __reduce__: the task's error, as the stdlib
+        return _error_reply(err)
 
 
 def _unpickle_failure(err: BaseException, start_method: str) -> str:
@@ -200,7 +223,7 @@ def _error_reply(err: BaseException) -> tuple[int, bytes]:
     tb = f'\n"""\n{tb}"""'
     try:
         return ERR, pickle.dumps((err, tb), pickle.HIGHEST_PROTOCOL)
-    except Exception as why:
+    except BaseException as why:
         stand_in = Error(
             f"the task raised {type(err).__qualname__}: {str(err)[:1000]} "
             f"(the exception could not be pickled to send it back: {why!r})"
