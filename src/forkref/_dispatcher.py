@@ -39,6 +39,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from forkref._errors import BrokenPoolError, WorkerDiedError
@@ -69,7 +70,9 @@ class Dispatcher:
     """The dispatcher thread of one engine, and the readiness it polls for."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+        # Weak: no cycle keeps a finished engine (and the user objects its setup
+        # holds) alive; the running thread holds it strongly while it works.
+        self._engine_ref = weakref.ref(engine)
         self.thread: threading.Thread | None = None
         self.in_callbacks = False  # the owning thread is running on_done callbacks
         self._wake_r, self._wake_w = os.pipe()
@@ -77,6 +80,12 @@ class Dispatcher:
         self._woken = False
         self._poller = select.poll()
         self._watched: dict[int, Any] = {}
+
+    @property
+    def _engine(self) -> Engine:
+        engine = self._engine_ref()
+        assert engine is not None, "a dispatcher outlived its engine"
+        return engine
 
     # -- the thread ---------------------------------------------------------------
 
@@ -136,11 +145,12 @@ class Dispatcher:
 
     def _run(self) -> None:
         mark_dispatcher()
+        engine = self._engine  # held until the thread ends: pending work still runs
         try:
             while self._step():
                 pass
         except BaseException as err:  # a bug, or an exception no task could take
-            self._engine.fail(err)
+            engine.fail(err)
 
     # -- one round ----------------------------------------------------------------
 

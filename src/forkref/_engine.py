@@ -195,7 +195,12 @@ class Engine:
             check_main_guard(self.start_method)
         with self.sharer.holding():  # nothing released between pickling and queueing
             if fn_blob is None:
-                fn_blob = self.encoder.encode_function(fn)
+                try:
+                    fn_blob = self.encoder.encode_function(fn)
+                except TaskPicklingError:
+                    if not self._started:  # a submit starts the workers, as the stdlib's does
+                        self._ensure_generation([])
+                    raise
             pending = iter(items)
             size = 1  # the first task goes out at once; batches then grow to _BATCH
             while chunk := list(itertools.islice(pending, size)):
@@ -408,6 +413,7 @@ class Engine:
     def finish_locked(self) -> None:
         """Release everything; waiters of :meth:`join` return."""
         self.generations.all.clear()
+        self.setup = WorkerSetup(None, (), None, self.start_method, self.executor_semantics)
         self.sharer.release_all()
         self.dispatcher.close()
         self.launcher.close()

@@ -338,6 +338,14 @@ class ProcessLauncher(Launcher):
             if isinstance(channel, ProcessChannel):
                 channel.process.join(timeout)
 
+    def close(self) -> None:
+        # The initializer's arguments may be anything of the caller's (a Queue
+        # whose semaphores the resource tracker counts): not kept past the end.
+        self.setup = _NO_SETUP
+
+
+_NO_SETUP = WorkerSetup(None, (), None, "", executor=False)
+
 
 def main_guard_message(start_method: str) -> str:
     """The error for a pool used while a spawn/forkserver child imports the main module."""

@@ -189,6 +189,10 @@ class ZygoteLauncher(Launcher):
         server: _Server = gen.server
         return [] if server.pid is None else [server.pid]
 
+    def close(self) -> None:
+        # The initializer's arguments are the caller's: not kept past the end.
+        self.setup = WorkerSetup(None, (), None, "fork", executor=False)
+
 
 def _wait_exit(pid: int, timeout: float) -> bool:
     """Wait until child ``pid`` has exited (not reaping it); False on timeout."""
