@@ -202,7 +202,9 @@ class Engine:
                         self._ensure_generation([])
                     raise
             pending = iter(items)
-            size = 1  # the first task goes out at once; batches then grow to _BATCH
+            # Idle workers get the first task at once; batches then grow to _BATCH.
+            # With tasks already waiting, nobody idles: full batches from the start.
+            size = _BATCH if self.scheduler.pending() else 1
             while chunk := list(itertools.islice(pending, size)):
                 size = min(2 * size, _BATCH)
                 self._encode_and_enqueue(kind, fn, fn_blob, chunk, fail_fast)
@@ -295,6 +297,8 @@ class Engine:
             raise RuntimeError("cannot schedule new tasks after the pool was closed")
 
     def _needs_generation(self, refs: list[Reference]) -> bool:
+        if not refs and self.generations.current() is not None:
+            return False  # the common case, without waiting for the dispatcher's lock
         with self.lock:
             return self.generations.needs_new(refs, self.accepting)
 

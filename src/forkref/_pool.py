@@ -40,12 +40,14 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from forkref._autoshare import estimate_size
 from forkref._poolbase import DEFAULT_THRESHOLD, PoolBase
 from forkref._taskpickle import CALL, MAP, STARMAP, FnBlob
 
 __all__ = ["AsyncResult", "IMapIterator", "MapResult", "Pool", "chunked"]
 
 T = TypeVar("T")
+_RESULT_BUDGET = 256 * 2**20  # bytes of imap results computed ahead of the consumer
 
 
 class AsyncResult(Generic[T]):
@@ -149,8 +151,11 @@ class IMapIterator(Generic[T]):
 
     The iterable is consumed lazily: at most ``window`` chunks are submitted
     and not yet consumed (the workers compute that far ahead while the
-    consumer is busy), topped up in batches as results are taken. A result
-    is not referenced by the iterator once it has been yielded.
+    consumer is busy), topped up in batches as results are taken. The window
+    is 512 items (at least 8 chunks per worker), smaller when the first
+    results show it would hold more than ``_RESULT_BUDGET`` bytes of results
+    waiting for the consumer. A result is not referenced by the iterator once
+    it has been yielded.
     """
 
     def __init__(
@@ -175,7 +180,8 @@ class IMapIterator(Generic[T]):
         self._next_chunk = 0
         self._exhausted = False
         self._buffer: list[T] = []  # the current chunk's results, reversed
-        self._window = max(8 * pool._processes, 64 // chunksize, 4)
+        self._window = max(8 * pool._processes, 512 // chunksize)
+        self._calibrated = False
 
     def __iter__(self) -> IMapIterator[T]:
         return self
@@ -202,9 +208,19 @@ class IMapIterator(Generic[T]):
                 if self._chunksize > 1:
                     self._exhausted, self._submitted = True, self._next_chunk
                 raise value
+            if not self._calibrated:
+                self._calibrate(value)
             value.reverse()
             self._buffer = value
         return self._buffer.pop()
+
+    def _calibrate(self, chunk: list[Any]) -> None:
+        """Shrink the window if results are big: at most about _RESULT_BUDGET bytes wait."""
+        self._calibrated = True
+        size = estimate_size(chunk)
+        if size:
+            floor = 2 * self._pool._processes
+            self._window = max(floor, min(self._window, _RESULT_BUDGET // size))
 
     def _wait_chunk(self, timeout: float | None) -> tuple[bool, Any]:
         def ready() -> bool:
@@ -219,7 +235,7 @@ class IMapIterator(Generic[T]):
     def _top_up(self, everything: bool = False) -> None:
         """Submit chunks up to the window once it is half empty (all of them: ``everything``)."""
         ahead = self._submitted - self._next_chunk
-        if self._exhausted or (not everything and ahead > self._window // 2):
+        if self._exhausted or (not everything and ahead > self._window * 3 // 4):
             return
         tasks: list[tuple[list[Any], Callable[[bool, Any], None], int]] = []
         while everything or ahead + len(tasks) < self._window:
@@ -242,7 +258,8 @@ class IMapIterator(Generic[T]):
     def _set(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
             self._done[index] = (ok, value)
-            self._order.append(index)
+            if not self._ordered:
+                self._order.append(index)
             self._cond.notify()
 
 
