@@ -31,9 +31,8 @@ import time
 from typing import Any
 
 import forkref
-from forkref._demo import build_frame, parse_size
+from forkref._bench.data import TASKS, build_frame, parse_size, work
 
-TASKS = 16
 WORKERS = 2
 _GLOBAL: Any = None
 
@@ -43,8 +42,7 @@ def light(df: Any, part: int) -> float:
 
 
 def slice_sum(df: Any, part: int) -> float:
-    rows = len(df)
-    return float(df.iloc[rows * part // TASKS : rows * (part + 1) // TASKS].to_numpy().sum())
+    return work(df, part)  # the same task as forkref bench's frame workload
 
 
 def light_global(_: None, part: int) -> float:

@@ -46,9 +46,16 @@ from collections.abc import Callable
 from typing import Any
 
 import forkref
-from forkref._demo import parse_size
+from forkref._bench.data import (  # the data and tasks forkref bench measures too
+    TASKS,
+    build_dicts,
+    build_frame,
+    late_frame,
+    parse_size,
+    trivial,
+    work,
+)
 
-TASKS = 16
 GLOBAL = "global trick (stdlib fork Pool)"
 SHARE = "forkref.Pool + share()"
 AUTO = "forkref.Pool(auto_share=True)"
@@ -61,38 +68,12 @@ _GLOBAL: Any = None
 # -- data and tasks ---------------------------------------------------------------
 
 
-def build_frame(nbytes: int) -> Any:
-    import numpy as np
-    import pandas as pd
-
-    rows = max(1, nbytes // (8 * 8))
-    rng = np.random.default_rng(0)
-    return pd.DataFrame({f"c{i}": rng.random(rows) for i in range(8)})
-
-
-def build_dicts(n: int) -> list[dict[str, Any]]:
-    return [{"id": i, "value": float(i), "tag": "abc"} for i in range(n)]
-
-
-def work(data: Any, i: int) -> float:
-    """Sum a 1/16 slice of the rows: real work that touches the data."""
-    if isinstance(data, list):
-        part = data[i * len(data) // TASKS : (i + 1) * len(data) // TASKS]
-        return float(sum(d["value"] for d in part))
-    n = len(data)
-    return float(data.iloc[i * n // TASKS : (i + 1) * n // TASKS].to_numpy().sum())
-
-
 def work_global(_: None, i: int) -> float:
     return work(_GLOBAL, i)
 
 
 def work_mpire(shared: Any, i: int) -> float:
     return work(shared, i)
-
-
-def trivial(x: int) -> int:
-    return x + 1
 
 
 # -- contenders for scenario 1 ---------------------------------------------------------
@@ -220,9 +201,10 @@ def scenario_late(nbytes: int, iters: int) -> None:
         f"{iters} iterations =="
     )
     ours_times, std_times = [], []
+    base = build_frame(nbytes)
     with forkref.Pool(WORKERS) as pool:
-        for _ in range(iters):
-            frame = build_frame(nbytes)
+        for k in range(iters):
+            frame = late_frame(base, k)
             start = time.perf_counter()
             with forkref.share(frame) as handle:
                 res_ours = pool.starmap(work, [(handle, i) for i in range(TASKS)])

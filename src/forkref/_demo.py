@@ -10,7 +10,6 @@ so the table shows what a worker really pays.
 from __future__ import annotations
 
 import multiprocessing as mp
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,22 +17,11 @@ from typing import Any
 
 import psutil
 
+from forkref._bench.data import build_frame, parse_size
 from forkref._handle import share
 from forkref._hygiene import fork_hygiene
 
-__all__ = ["DemoRow", "parse_size", "run_demo"]
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``"1GiB"``, ``"512M"``, ``"64mb"`` or ``"1048576"`` into bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not match:
-        raise ValueError(
-            f"cannot read size {text!r}: use a number with an optional unit, e.g. 1GiB"
-        )
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+__all__ = ["DemoRow", "build_frame", "parse_size", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -78,18 +66,6 @@ def _run(mode: str, arg: Any, workers: int, tasks: int, hygiene: bool) -> tuple[
         uss[pid] = max(uss.get(pid, 0), task_uss)
         pss[pid] = max(pss.get(pid, 0), task_pss)
     return DemoRow(mode, seconds, uss, pss), sum(r[1] for r in results)
-
-
-def build_frame(size: int, columns: int = 8) -> Any:
-    """A DataFrame of float64 columns taking about ``size`` bytes."""
-    import numpy as np
-    import pandas as pd
-
-    rows = max(1, size // (8 * columns))
-    rng = np.random.default_rng(42)
-    return pd.DataFrame(
-        {f"c{i}": rng.random(rows) for i in range(columns)},
-    )
 
 
 def run_demo(

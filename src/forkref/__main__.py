@@ -1,0 +1,7 @@
+"""``python -m forkref``: the same as the ``forkref`` command."""
+
+import sys
+
+from forkref._cli import main
+
+sys.exit(main())

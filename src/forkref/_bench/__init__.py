@@ -1,0 +1,11 @@
+"""``forkref bench``: forkref against the other ways, on the user's machine.
+
+Modules: :mod:`.data` (data and task functions, shared with ``benchmarks/``),
+:mod:`.tasks` (what workers run), :mod:`.registry` (workloads, methods),
+:mod:`.workloads`, :mod:`.methods` (the contenders), :mod:`.runner` (a
+fresh process per run, checks, memory, timeouts) and :mod:`.report` (table,
+JSON, chart).
+
+Non-goals: not a statistics package (best of ``--rounds``, no confidence
+intervals); not a tuning tool (one pool size, the libraries' defaults).
+"""
