@@ -24,6 +24,7 @@ import os
 import pickle
 import platform
 import sys
+import textwrap
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -144,6 +145,12 @@ def _start_methods() -> dict[str, Any]:
     available = multiprocessing.get_all_start_methods()
     default = _default_start_method()
     notes = []
+    if default == "fork" and sys.version_info < (3, 14):
+        notes.append(
+            "from Python 3.14 the stdlib default on Linux is forkserver: stdlib pools then "
+            "stop inheriting shared objects unless given multiprocessing.get_context('fork'); "
+            "forkref.Pool forks on every version"
+        )
     if default != "fork" and "fork" in available:
         notes.append(
             f"the stdlib pools start workers with {default!r} here (Python 3.14 made "
@@ -209,6 +216,8 @@ def _huge_pages() -> dict[str, Any]:
             f"anonymous memory: {anon}: a write to an inherited page copies 4 KiB "
             "(huge pages only where a program asks for them)"
         )
+    if shmem in ("never", "deny", "advise"):
+        notes.append(f"shared memory: {shmem}: segments use 4 KiB pages")
     if shmem in ("always", "within_size", "force"):
         notes.append(
             f"shared memory: {shmem}: segments may use 2 MiB pages: fewer page faults when "
@@ -292,7 +301,12 @@ def _fork_verdict(found: dict[str, Any]) -> Verdict:
     if problem:
         return Verdict(name, FAIL, problem, "report this with the output of forkref doctor --json")
     detail = "a forked child got the shared object itself (no copy, no pickle)"
-    others = [n for n in found["threads"]["python"] if n != threading.current_thread().name]
+    # forkref's own threads ("forkref-*") are paused around its forks; others are not.
+    others = [
+        n
+        for n in found["threads"]["python"]
+        if n != threading.current_thread().name and not n.startswith("forkref-")
+    ]
     if found["huge_pages"]["anonymous"] == "always":
         return Verdict(
             name,
@@ -435,8 +449,9 @@ def _fact_lines(f: dict[str, Any]) -> list[tuple[str, str]]:
         *[("", note) for note in thp["notes"]],
         (
             "Threads",
-            f"{len(th['python'])} Python thread(s) in this process ({', '.join(th['python'])}); "
-            f"{th['native']} threads counting native ones",
+            f"{_count(len(th['python']), 'Python thread')} in this process "
+            f"({', '.join(th['python'])}); {_count(th['native'] or 0, 'thread')} in all, "
+            "native ones (BLAS, arrow) included",
         ),
         ("Packages", packages),
         ("Notebook", "yes" if f["notebook"]["notebook"] else "no"),
@@ -444,15 +459,24 @@ def _fact_lines(f: dict[str, Any]) -> list[tuple[str, str]]:
     return lines
 
 
-def render(diagnosis: Diagnosis) -> str:
-    """The diagnosis as plain text for a terminal."""
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _wrapped(first: str, text: str, width: int) -> list[str]:
+    indent = " " * len(first)
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent) or [first]
+
+
+def render(diagnosis: Diagnosis, width: int = 100) -> str:
+    """The diagnosis as plain text for a terminal, wrapped at ``width`` columns."""
     f = diagnosis.facts
     out = [f"forkref {f['forkref']} doctor", ""]
     for label, text in _fact_lines(f):
-        out.append(f"{label:<14} {text}")
+        out += _wrapped(f"{label:<15}", text, width)
     out += ["", "Verdicts"]
     for v in diagnosis.verdicts:
-        out.append(f"  {v.status.upper():<12}{v.capability}: {v.detail}")
+        out += _wrapped(f"  {v.status.upper():<12}", f"{v.capability}: {v.detail}", width)
         if v.fix:
-            out.append(f"  {'':<12}fix: {v.fix}")
+            out += _wrapped(f"  {'':<12}", f"fix: {v.fix}", width)
     return "\n".join(out)
