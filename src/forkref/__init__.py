@@ -24,6 +24,7 @@ from forkref._errors import (
     WorkerDiedError,
 )
 from forkref._executor import ProcessPoolExecutor
+from forkref._explain import Explanation, explain
 from forkref._export import ResultToken, export_result, import_result
 from forkref._handle import Shared, share
 from forkref._hygiene import fork_hygiene
@@ -36,6 +37,7 @@ __all__ = [
     "CompactError",
     "CompactList",
     "Error",
+    "Explanation",
     "ForkError",
     "ForkWarning",
     "MemoryAccessError",
@@ -57,6 +59,7 @@ __all__ = [
     "WorkerDiedError",
     "compact",
     "compact_dict",
+    "explain",
     "export_result",
     "fork_hygiene",
     "import_result",
