@@ -7,10 +7,10 @@ anything:
   ``AutoSharer.consider`` uses for every task argument): small, unknown-size
   and big mutable objects are pickled; big immutable ones, and big mutable
   ones under ``auto_share=True``, go by fork reference;
-* the late-object policy of the engine (``_exports_cleanly`` and the cost
-  constants next to it): an object that first appears after the workers
-  forked goes through shared memory when one export is cheaper than forking
-  a new generation of workers.
+* the engine's late-object policy, :func:`forkref._generations.late_object_route`
+  (a pure function): an object that first appears after the workers forked
+  goes through shared memory when one export is cheaper than forking a new
+  generation of workers.
 
 Costs are estimates from constants measured on the project's machine (see
 the README), not a measurement on this one; ``forkref bench`` measures.
@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 
 from forkref._autoshare import estimate_size, is_immutable
-from forkref._handle import Shared
-from forkref._workers import (
-    _EXPORT_SECONDS_PER_BYTE,
-    _FORK_SECONDS_PER_BYTE,
-    _exports_cleanly,
-    _own_rss,
-    default_context,
+from forkref._forking import default_context
+from forkref._generations import (
+    EXPORT_SECONDS_PER_BYTE,
+    FORK_SECONDS_PER_BYTE,
+    Route,
+    exports_cleanly,
+    late_object_route,
 )
+from forkref._handle import Shared
 
 __all__ = ["FORK_REFERENCE", "PICKLE", "SHARED_MEMORY", "Explanation", "explain"]
 
@@ -162,7 +163,7 @@ def _explicit(size: int | None, forked: bool, processes: int) -> _Route:
             "after the share get the object itself",
             None,
         )
-    export = size * _EXPORT_SECONDS_PER_BYTE if size is not None else None
+    export = size * EXPORT_SECONDS_PER_BYTE if size is not None else None
     return (
         SHARED_MEMORY,
         export,
@@ -212,28 +213,45 @@ def _automatic(
     )
 
 
+def _parent_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def _late(obj: object, size: int | None, processes: int) -> tuple[str, float | None, str]:
     """The engine's late-object policy: one shared-memory export, or a new generation."""
-    fork_seconds = (1 + processes) * _own_rss() * _FORK_SECONDS_PER_BYTE
-    generation = (
-        FORK_REFERENCE,
-        fork_seconds,
-        f"a new generation of workers is forked (1 + {processes} forks of this "
-        "process, each copying its page tables)",
+    clean = exports_cleanly(obj)
+    rss = _parent_rss()
+    route = late_object_route(
+        registered=1,  # registered after the current generation started: a late object
+        generation=0,
+        exports_cleanly=clean,
+        size=size,
+        parent_rss=rss,
+        processes=processes,
     )
-    if not _exports_cleanly(obj):
-        cls = type(obj).__qualname__
-        return (*generation[:2], generation[2] + f"; a {cls} does not go through shared "
-                "memory (only bytes, numpy, pandas without object columns, and arrow do)")
-    if size is None:
-        return generation
-    export_seconds = size * _EXPORT_SECONDS_PER_BYTE
-    if export_seconds < fork_seconds:
+    fork_seconds = (1 + processes) * rss * FORK_SECONDS_PER_BYTE
+    if route is Route.SHARED_MEMORY:
+        assert size is not None
         return (
             SHARED_MEMORY,
-            export_seconds,
+            size * EXPORT_SECONDS_PER_BYTE,
             "one export into shared memory costs less than forking a new generation "
             f"(about {fork_seconds * 1000:.2g} ms here); the running workers map it",
         )
-    return (*generation[:2], generation[2] + "; cheaper here than exporting it "
-            f"(about {export_seconds * 1000:.2g} ms)")
+    reason = (
+        f"a new generation of workers is forked (1 + {processes} forks of this "
+        "process, each copying its page tables)"
+    )
+    if not clean:
+        reason += (
+            f"; a {type(obj).__qualname__} does not go through shared memory (only bytes, "
+            "numpy, pandas without object columns, and arrow do)"
+        )
+    elif size is not None:
+        reason += (
+            "; cheaper here than exporting it "
+            f"(about {size * EXPORT_SECONDS_PER_BYTE * 1000:.2g} ms)"
+        )
+    return FORK_REFERENCE, fork_seconds, reason
