@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from forkref._errors import BrokenPoolError, TaskPicklingError
 from forkref._pool import chunked
 from forkref._poolbase import DEFAULT_THRESHOLD, EngineLifetime, PoolBase
+from forkref._progress import Progress, ProgressOption, counted
 from forkref._scheduler import Cancelled
 from forkref._taskpickle import CALL, STARMAP
 
@@ -160,7 +161,9 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         """
         return self._submit(CALL, fn, [(args, kwargs)])[0]
 
-    def _submit(self, kind: int, fn: Any, chunks: Iterable[Any]) -> list[Future[Any]]:
+    def _submit(
+        self, kind: int, fn: Any, chunks: Iterable[Any], bar: Progress | None = None
+    ) -> list[Future[Any]]:
         # Only the flags are checked under the lock, as the stdlib does: a done
         # callback running in the dispatcher may submit while another thread is
         # inside submit() forking a generation (which pauses that dispatcher).
@@ -177,7 +180,9 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         for data in chunks:
             future: Future[Any] = Future()
             futures.append(future)
-            tasks.append((data, _completer(future), future.set_running_or_notify_cancel, 0))
+            # Counted before the future resolves: whoever sees the result sees the count.
+            on_done = counted(bar, _completer(future))
+            tasks.append((data, on_done, future.set_running_or_notify_cancel, 0))
         try:
             self._engine.submit_many(kind, fn, tasks)
         except TaskPicklingError as err:  # the function itself: every future carries it
@@ -192,8 +197,13 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: ProgressOption = False,
     ) -> Iterator[T]:
         """Like ``map(fn, *iterables)``, computed by the workers; results in order.
+
+        ``progress=True`` shows a tqdm bar counting items as they finish (a
+        dict: tqdm options); it closes when the results are all read, on an
+        error, or when the iterator is dropped.
 
         Raises (from the iterator):
             TimeoutError: a result is not ready ``timeout`` seconds after the call.
@@ -201,8 +211,10 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        futures = self._submit(STARMAP, fn, chunked(zip(*iterables, strict=False), chunksize))
-        return _results(futures, end_time)
+        chunks = list(chunked(zip(*iterables, strict=False), chunksize))
+        bar = self._progress_bar(sum(map(len, chunks)), progress, fn)
+        futures = self._submit(STARMAP, fn, chunks, bar)
+        return _results(futures, end_time, bar)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more submits; with ``wait``, return once pending work is done and workers exited.
@@ -241,13 +253,16 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
                     process.kill() if kill else process.terminate()
 
 
-def _results(futures: list[Future[list[T]]], end_time: float | None) -> Iterator[T]:
+def _results(
+    futures: list[Future[list[T]]], end_time: float | None, bar: Progress | None = None
+) -> Iterator[T]:
     """Yield the items of each future's result in order, holding none of them afterwards.
 
     CPython gh-58607 (bpo-14406): a result yielded must not stay referenced
     by the iterator, so each chunk is emptied as it is yielded and each
     future dropped once read.
     """
+    finished = False
     try:
         futures.reverse()
         while futures:
@@ -255,9 +270,12 @@ def _results(futures: list[Future[list[T]]], end_time: float | None) -> Iterator
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
+        finished = True
     finally:
         for future in futures:
             future.cancel()
+        if bar is not None:  # also when an error, Ctrl-C or the iterator's end stops us
+            bar.close(failed=not finished)
 
 
 def _result_or_cancel(future: Future[list[T]], end_time: float | None) -> list[T]:

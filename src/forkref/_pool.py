@@ -42,6 +42,7 @@ from typing import Any, Generic, TypeVar
 
 from forkref._autoshare import estimate_size
 from forkref._poolbase import DEFAULT_THRESHOLD, PoolBase
+from forkref._progress import Progress, ProgressOption, counted
 from forkref._taskpickle import CALL, MAP, STARMAP, FnBlob
 
 __all__ = ["AsyncResult", "IMapIterator", "MapResult", "Pool", "chunked"]
@@ -124,8 +125,11 @@ class MapResult(AsyncResult[list[T]]):
         chunksize: int,
         callback: Callable[[list[T]], object] | None,
         error_callback: Callable[[BaseException], object] | None,
+        *,
+        progress: Progress | None = None,
     ) -> None:
         super().__init__(pool, callback, error_callback)
+        self._progress = progress
         self._items: list[Any] = [None] * length
         self._chunksize = chunksize
         self._left = -(-length // chunksize)  # chunks still to come
@@ -144,6 +148,17 @@ class MapResult(AsyncResult[list[T]]):
             done = self._left == 0
         if done:
             self._set(True, self._items)
+
+    def _set(self, ok: bool, value: Any) -> None:
+        # The bar closes before get() returns, so nothing the caller prints lands inside it.
+        if self._progress is not None:
+            self._progress.close(failed=not ok)
+        super()._set(ok, value)
+
+    def _interrupted(self) -> None:
+        """The caller stopped waiting (Ctrl-C): leave the bar stopped where it is."""
+        if self._progress is not None:
+            self._progress.close(failed=True)
 
 
 class IMapIterator(Generic[T]):
@@ -167,8 +182,12 @@ class IMapIterator(Generic[T]):
         iterable: Iterable[Any],
         chunksize: int,
         ordered: bool,
+        progress: Progress | None = None,
     ) -> None:
         self._pool, self._kind, self._func = pool, kind, func
+        self._progress = progress
+        if progress is not None:  # an iterator dropped half-way still closes its bar
+            weakref.finalize(self, progress.close, True)
         self._fn_blob: FnBlob | None = None  # the function, pickled once for every round
         self._source = enumerate(chunked(iterable, chunksize))
         self._chunksize = chunksize
@@ -197,11 +216,7 @@ class IMapIterator(Generic[T]):
             StopIteration: no more results.
         """
         while not self._buffer:
-            self._top_up()
-            with self._cond:
-                if self._exhausted and self._next_chunk >= self._submitted:
-                    raise StopIteration
-                ok, value = self._wait_chunk(timeout)
+            ok, value = self._next_chunk_result(timeout)
             if not ok:
                 # As the stdlib: with chunksize 1 the iteration goes on after a failed
                 # item; with bigger chunks its generator ends at the first failure.
@@ -213,6 +228,27 @@ class IMapIterator(Generic[T]):
             value.reverse()
             self._buffer = value
         return self._buffer.pop()
+
+    def _next_chunk_result(self, timeout: float | None) -> tuple[bool, Any]:
+        """The next finished chunk; closes the bar at the end, on a failure or on Ctrl-C."""
+        bar = self._progress
+        try:
+            self._top_up()
+            with self._cond:
+                if self._exhausted and self._next_chunk >= self._submitted:
+                    if bar is not None:
+                        bar.close()
+                    raise StopIteration
+                done = self._wait_chunk(timeout)
+        except (StopIteration, multiprocessing.TimeoutError):
+            raise
+        except BaseException:
+            if bar is not None:
+                bar.close(failed=True)
+            raise
+        if not done[0] and bar is not None:
+            bar.close(failed=True)
+        return done
 
     def _calibrate(self, chunk: list[Any]) -> None:
         """Shrink the window if results are big: at most about _RESULT_BUDGET bytes wait."""
@@ -250,7 +286,8 @@ class IMapIterator(Generic[T]):
                 self._exhausted = True
                 break
             index, chunk = item
-            tasks.append((chunk, functools.partial(self._set, index), index * self._chunksize))
+            on_done = counted(self._progress, functools.partial(self._set, index))
+            tasks.append((chunk, on_done, index * self._chunksize))
         self._submitted += len(tasks)
         if tasks:
             self._fn_blob = self._pool._submit(self._kind, self._func, tasks, self._fn_blob)
@@ -264,16 +301,18 @@ class IMapIterator(Generic[T]):
 
 
 def _guarded_tasks(
-    result: MapResult[Any], items: Iterable[Any], chunksize: int
+    result: MapResult[Any], items: Iterable[Any], chunksize: int, bar: Progress | None = None
 ) -> Iterator[tuple[list[Any], Callable[[bool, Any], None], int]]:
     """A map's tasks, cut lazily: the first goes to a worker before the next is cut.
 
     An exception raised by the caller's iterable fails the map with that very
-    exception, as the stdlib's ``_guarded_task_generation`` does.
+    exception, as the stdlib's ``_guarded_task_generation`` does. With a
+    progress ``bar``, each chunk's items are counted as it finishes.
     """
     try:
         for index, chunk in enumerate(chunked(items, chunksize)):
-            yield chunk, functools.partial(result._set_chunk, index), index * chunksize
+            on_done = counted(bar, functools.partial(result._set_chunk, index))
+            yield chunk, on_done, index * chunksize
     except Exception as err:
         result._set(False, err)
 
@@ -405,28 +444,41 @@ class Pool(PoolBase):
         return result
 
     def map(
-        self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int | None = None
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        progress: ProgressOption = False,
     ) -> list[T]:
-        """``list(map(func, iterable))`` computed by the workers, in order."""
-        return self._map_async(
-            MAP, func, iterable=iterable, chunksize=chunksize, callback=None, error_callback=None
-        ).get()
+        """``list(map(func, iterable))`` computed by the workers, in order.
+
+        ``progress=True`` shows a tqdm bar counting items (a dict: tqdm options).
+        """
+        return self._wait(
+            self._map_async(MAP, func, iterable, chunksize, progress=progress)
+        )
 
     def starmap(
         self,
         func: Callable[..., T],
         iterable: Iterable[Iterable[Any]],
         chunksize: int | None = None,
+        *,
+        progress: ProgressOption = False,
     ) -> list[T]:
         """Like :meth:`map`, calling ``func(*item)``."""
-        return self._map_async(
-            STARMAP,
-            func,
-            iterable=iterable,
-            chunksize=chunksize,
-            callback=None,
-            error_callback=None,
-        ).get()
+        return self._wait(
+            self._map_async(STARMAP, func, iterable, chunksize, progress=progress)
+        )
+
+    @staticmethod
+    def _wait(result: MapResult[T]) -> list[T]:
+        try:
+            return result.get()
+        except BaseException:
+            result._interrupted()  # Ctrl-C while waiting; a task error closed it already
+            raise
 
     def map_async(
         self,
@@ -435,15 +487,18 @@ class Pool(PoolBase):
         chunksize: int | None = None,
         callback: Callable[[list[T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        progress: ProgressOption = False,
     ) -> MapResult[T]:
         """Like :meth:`map`, returning a :class:`MapResult` at once."""
         return self._map_async(
             MAP,
             func,
-            iterable=iterable,
-            chunksize=chunksize,
+            iterable,
+            chunksize,
             callback=callback,
             error_callback=error_callback,
+            progress=progress,
         )
 
     def starmap_async(
@@ -453,26 +508,30 @@ class Pool(PoolBase):
         chunksize: int | None = None,
         callback: Callable[[list[T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        progress: ProgressOption = False,
     ) -> MapResult[T]:
         """Like :meth:`starmap`, returning a :class:`MapResult` at once."""
         return self._map_async(
             STARMAP,
             func,
-            iterable=iterable,
-            chunksize=chunksize,
+            iterable,
+            chunksize,
             callback=callback,
             error_callback=error_callback,
+            progress=progress,
         )
 
     def _map_async(
         self,
         kind: int,
         func: Any,
-        *,
         iterable: Iterable[Any],
         chunksize: int | None,
-        callback: Any,
-        error_callback: Any,
+        *,
+        callback: Any = None,
+        error_callback: Any = None,
+        progress: ProgressOption,
     ) -> MapResult[Any]:
         self._check_running()
         items = iterable if isinstance(iterable, Sized) else list(iterable)
@@ -481,30 +540,60 @@ class Pool(PoolBase):
             if extra:
                 chunksize += 1
         chunksize = max(chunksize, 1)
-        result: MapResult[Any] = MapResult(self, len(items), chunksize, callback, error_callback)
-        self._submit(kind, func, _guarded_tasks(result, items, chunksize))
+        bar = self._progress_bar(len(items), progress, func)
+        result: MapResult[Any] = MapResult(
+            self, len(items), chunksize, callback, error_callback, progress=bar
+        )
+        self._submit(kind, func, _guarded_tasks(result, items, chunksize, bar))
         return result
 
     def imap(
-        self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int = 1
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: ProgressOption = False,
     ) -> IMapIterator[T]:
-        """Lazy :meth:`map`: an iterator over the results, in order."""
-        return self._imap(func, iterable, chunksize, ordered=True)
+        """Lazy :meth:`map`: an iterator over the results, in order.
+
+        With ``progress=True`` the bar counts finished items; it has a total
+        when ``iterable`` has a length, and counts up without one otherwise.
+        """
+        return self._imap(func, iterable, chunksize, ordered=True, progress=progress)
 
     def imap_unordered(
-        self, func: Callable[[Any], T], iterable: Iterable[Any], chunksize: int = 1
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: ProgressOption = False,
     ) -> IMapIterator[T]:
         """Like :meth:`imap`, yielding results as they complete."""
-        return self._imap(func, iterable, chunksize, ordered=False)
+        return self._imap(func, iterable, chunksize, ordered=False, progress=progress)
 
     def _imap(
-        self, func: Any, iterable: Iterable[Any], chunksize: int, ordered: bool
+        self,
+        func: Any,
+        iterable: Iterable[Any],
+        chunksize: int,
+        *,
+        ordered: bool,
+        progress: ProgressOption,
     ) -> IMapIterator[Any]:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        total = len(iterable) if isinstance(iterable, Sized) else None
         it: IMapIterator[Any] = IMapIterator(
-            self, kind=MAP, func=func, iterable=iterable, chunksize=chunksize, ordered=ordered
+            self,
+            kind=MAP,
+            func=func,
+            iterable=iterable,
+            chunksize=chunksize,
+            ordered=ordered,
+            progress=self._progress_bar(total, progress, func),
         )
         it._top_up()
         self._iterators.add(it)

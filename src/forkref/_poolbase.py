@@ -17,6 +17,7 @@ from typing import Any
 
 from forkref._engine import Engine
 from forkref._memory import MemoryReport
+from forkref._progress import Progress, ProgressOption, fork_guard
 
 __all__ = ["DEFAULT_THRESHOLD", "PoolBase"]
 
@@ -56,6 +57,15 @@ class PoolBase:
             share_threshold=share_threshold,
             auto_share=auto_share,
         )
+
+    @staticmethod
+    def _progress_bar(total: int | None, progress: ProgressOption, func: Any) -> Progress | None:
+        """The bar ``progress=`` asks for over ``total`` items, or None for ``False``."""
+        if progress is False:
+            return None
+        name = getattr(func, "__name__", None)
+        return Progress(total, progress, desc=name if isinstance(name, str) else None,
+                        guard=fork_guard)
 
     def memory(self) -> MemoryReport:
         """Memory of the parent, the workers and the generations' fork servers.

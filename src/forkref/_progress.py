@@ -11,6 +11,9 @@ ends, failed or not::
     bar.close(failed=...)    ◄──────   last result, an error, or Ctrl-C
 
 The bar is ``tqdm.auto``'s: a widget in a notebook, text on stderr elsewhere.
+Counting happens in the callback of each finished chunk, *before* the
+result is handed over, so a caller that sees the last result also sees the
+final count.
 
 Why a subclass of tqdm: tqdm starts a *monitor thread* (``tqdm_monitor``)
 with its first bar, and that thread takes tqdm's locks. forkref forks
@@ -19,18 +22,26 @@ leave the lock held forever in the child, and forkref's pools warn
 (:class:`forkref.ForkWarning`) about any foreign thread at fork. forkref's
 bars set ``monitor_interval = 0`` on their own class, so they never start
 that thread; bars the user makes with tqdm directly keep tqdm's default.
+For the same reason a pool's bar draws under forkref's fork lock (the
+``guard``): the dispatcher thread draws from task callbacks, and a
+generation must never fork while that thread holds tqdm's lock.
 
 Non-goals: no rate or ETA of our own (tqdm's), no nested bars per worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Progress", "bar_class"]
+__all__ = ["Progress", "ProgressOption", "bar_class", "counted", "fork_guard"]
+
+#: What ``progress=`` accepts: True/False, or a dict of tqdm options.
+ProgressOption = bool | Mapping[str, Any]
 
 _INSTALL = "pip install tqdm (a dependency of forkref: was forkref installed with --no-deps?)"
 _bar_class: type[Any] | None = None
@@ -82,6 +93,7 @@ class Progress:
             is then a no-op), or a dict of tqdm options (``desc``, ``unit``,
             ``leave``, ``file``, ``disable``, ...) passed to ``tqdm.auto.tqdm``.
         desc: the default description, used unless ``option`` sets ``desc``.
+        guard: returns a lock held around every draw (pools: :func:`fork_guard`).
 
     ``update`` may be called from any thread; ``close`` is idempotent and
     safe in ``__del__``-like paths. As a context manager the bar closes as
@@ -94,10 +106,16 @@ class Progress:
     """
 
     def __init__(
-        self, total: int | None, option: bool | Mapping[str, Any], *, desc: str | None = None
+        self,
+        total: int | None,
+        option: ProgressOption,
+        *,
+        desc: str | None = None,
+        guard: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self._bar: Any = None
         self._lock = threading.Lock()
+        self._guard = guard if guard is not None else contextlib.nullcontext
         self._closed = False
         options = _options(option)
         if options is None:
@@ -122,7 +140,7 @@ class Progress:
         """``n_items`` more items are done (one finished task covers its whole chunk)."""
         if self._bar is None or n_items <= 0:
             return
-        with self._lock:
+        with self._guard(), self._lock:
             if not self._closed:
                 self._bar.update(n_items)
 
@@ -130,7 +148,7 @@ class Progress:
         """Show ``text`` after the counts (what is running now) and redraw."""
         if self._bar is None:
             return
-        with self._lock:
+        with self._guard(), self._lock:
             if not self._closed:
                 self._bar.set_postfix_str(text, refresh=True)
 
@@ -138,7 +156,7 @@ class Progress:
         """Close the bar; ``failed`` leaves it marked as stopped early. Idempotent."""
         if self._bar is None:
             return
-        with self._lock:
+        with self._guard(), self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -158,6 +176,28 @@ class Progress:
         tb: TracebackType | None,
     ) -> None:
         self.close(failed=exc_type is not None)
+
+
+def fork_guard() -> AbstractContextManager[Any]:
+    """forkref's fork lock: no generation forks while a pool's bar draws."""
+    from forkref import _forking
+
+    return _forking.FORK_LOCK  # looked up each time: a forked child gets a fresh one
+
+
+def counted(
+    bar: Progress | None, on_done: Callable[[bool, Any], None]
+) -> Callable[[bool, Any], None]:
+    """Wrap a chunk's ``on_done(ok, results)``: count its items first, then hand it over."""
+    if bar is None or not bar.enabled:
+        return on_done
+
+    def done(ok: bool, value: Any) -> None:
+        if ok and isinstance(value, list):
+            bar.update(len(value))
+        on_done(ok, value)
+
+    return done
 
 
 def _make_bar(cls: type[Any], options: dict[str, Any]) -> Any:
