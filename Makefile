@@ -1,5 +1,6 @@
 # The two commands of the README's Quickstart:
-#   make demo   builds .venv and runs `forkref demo` (pickled vs share() on a 1 GiB DataFrame)
+#   make demo   builds .venv and runs `forkref bench --quick`: forkref against the stdlib
+#               pools, joblib and mpire on five workloads, every result checked (about a minute)
 #   make test   builds .venv, runs ruff, mypy --strict and the suite on Python 3.11,
 #               then the smoke subset on every other supported Python that is installed;
 #               with CONFORMANCE=1 also `make conformance` (CPython 3.13's pool tests)
@@ -28,8 +29,9 @@ $(VENV)/.stamp-%: pyproject.toml
 	$(PY) -m pip install -q -e '.[$*]'
 	@touch $@
 
+# DEMO_ARGS adds bench options, e.g. DEMO_ARGS="--plot bench.png" or "--size 1GiB".
 demo: $(VENV)/.stamp-demo
-	$(VENV)/bin/forkref demo $(DEMO_ARGS)
+	$(VENV)/bin/forkref bench --quick $(DEMO_ARGS)
 
 # CPython's own pool tests are part of `make test`; CONFORMANCE=0 leaves them out.
 CONFORMANCE ?= 1

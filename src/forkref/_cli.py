@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ _QUICK = {
     "late_iters": 2,
     "result_size": "64MiB",
     "tiny": 20_000,
+    "pickled_tasks": 2,
 }
 _FULL = {
     "size": "1GiB",
@@ -43,6 +45,7 @@ _FULL = {
     "late_iters": 3,
     "result_size": "256MiB",
     "tiny": 100_000,
+    "pickled_tasks": 4,
 }
 
 
@@ -83,23 +86,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(commands: Any) -> None:
-    from forkref._bench.registry import METHODS, WORKLOADS, load
+    from forkref._bench.registry import METHODS, WORKLOADS, Config, load
 
     load()
     bench = commands.add_parser(
         "bench",
         help="forkref against the stdlib, joblib, mpire and Ray on this machine",
-        description="Run each workload with each method, each run in a fresh process; "
-        "check every answer against a serial computation (WRONG when it differs); report "
-        "wall time, the ratio to forkref.Pool + share(), and each worker's peak USS and "
-        "PSS. Methods whose package is missing are listed as skipped.",
+        description=textwrap.fill(
+            "Run each workload with each method, each run in a fresh process; check every "
+            "answer against a serial computation (WRONG when it differs); report wall time, "
+            "the ratio to forkref.Pool + share(), and each worker's peak USS and PSS. "
+            "Methods whose package is missing are listed as skipped, with the install command.",
+            78,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="workloads: " + ", ".join(WORKLOADS) + "\nmethods:   " + ", ".join(METHODS),
+        epilog="workloads:\n"
+        + "".join(f"  {name:<14}{w.title(Config())}\n" for name, w in WORKLOADS.items())
+        + "methods:\n"
+        + "".join(f"  {name:<14}{m.label}\n" for name, m in METHODS.items()),
     )
     add = bench.add_argument
     add("--quick", action="store_true",
         help="the short run of 'make demo': 256MiB frame, 500000 dicts, 2 late iterations, "
-        "64MiB results, 20000 tiny tasks (options given explicitly win)")
+        "64MiB results, 20000 tiny tasks, 2 pickled tasks (options given explicitly win)")
     add("--size", help=f"DataFrame size (default {_FULL['size']})")
     add("--items", type=int, help=f"small dicts in the list (default {_FULL['items']})")
     add("--late-iters", type=int,
@@ -107,12 +116,14 @@ def _add_bench(commands: Any) -> None:
     add("--result-size", help=f"bytes of results, all tasks (default {_FULL['result_size']})")
     add("--tiny", type=int, help=f"trivial tasks (default {_FULL['tiny']})")
     add("--workers", type=int, default=2, help="processes per pool (default 2)")
-    add("--pickled-tasks", type=int, default=4,
+    add("--pickled-tasks", type=int,
         help="tasks run by methods that pickle the data per task; their time is scaled "
-        "to the full count (default 4)")
+        f"to the full count (default {_FULL['pickled_tasks']})")
     add("--timeout", type=float, default=120.0,
         help="seconds per method and workload (default 120)")
-    add("--rounds", type=int, default=1, help="runs per method, best time kept (default 1)")
+    add("--rounds", type=int, default=1,
+        help="runs per method, best time kept; methods that pickle per task run once "
+        "(default 1)")
     add("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
     add("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
     add("--json", nargs="?", const="-", metavar="FILE",

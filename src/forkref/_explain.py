@@ -21,6 +21,7 @@ Non-goals: no advice on the task function, no measurement of pickling.
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 
@@ -88,22 +89,36 @@ class Explanation:
     fix: str | None
 
     def __str__(self) -> str:
-        lines = [
-            f"{self.what}: {self.route}, {_cost(self.seconds, self.per)}",
-            f"  why: {self.reason}",
-            f"  if the workers had already forked: {self.late_route}, "
-            f"{_cost(self.late_seconds, self.late_per)}; {self.late_reason}",
+        parts = [
+            ("", f"{self.what}: {self.route}, {_cost(self.seconds, self.per)}"),
+            ("  why: ", self.reason),
+            (
+                "  if the workers had already forked: ",
+                f"{self.late_route}, {_cost(self.late_seconds, self.late_per)}; "
+                f"{self.late_reason}",
+            ),
         ]
         if self.fix:
-            lines.append(f"  fix: {self.fix}")
-        return "\n".join(lines)
+            parts.append(("  fix: ", self.fix))
+        return "\n".join(
+            textwrap.fill(text, 88, initial_indent=head, subsequent_indent="       ")
+            for head, text in parts
+        )
 
 
 def _cost(seconds: float | None, per: str) -> str:
     if seconds is None:
         return "cost unknown"
-    text = f"{seconds * 1000:.2g} ms" if seconds < 1 else f"{seconds:.2g} s"
-    return f"about {text} " + ("per task" if per == "task" else "once")
+    return f"about {_duration(seconds)} " + ("per task" if per == "task" else "once")
+
+
+def _duration(seconds: float) -> str:
+    ms = seconds * 1000
+    if ms < 1:
+        return f"{ms:.2f} ms"
+    if ms < 10:
+        return f"{ms:.1f} ms"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{seconds:.1f} s"
 
 
 def _size_words(size: int | None) -> str:
@@ -238,7 +253,7 @@ def _late(obj: object, size: int | None, processes: int) -> tuple[str, float | N
             SHARED_MEMORY,
             size * EXPORT_SECONDS_PER_BYTE,
             "one export into shared memory costs less than forking a new generation "
-            f"(about {fork_seconds * 1000:.2g} ms here); the running workers map it",
+            f"(about {_duration(fork_seconds)} here); the running workers map it",
         )
     reason = (
         f"a new generation of workers is forked (1 + {processes} forks of this "
@@ -252,6 +267,6 @@ def _late(obj: object, size: int | None, processes: int) -> tuple[str, float | N
     elif size is not None:
         reason += (
             "; cheaper here than exporting it "
-            f"(about {size * EXPORT_SECONDS_PER_BYTE * 1000:.2g} ms)"
+            f"(about {_duration(size * EXPORT_SECONDS_PER_BYTE)})"
         )
     return FORK_REFERENCE, fork_seconds, reason

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from forkref._bench.data import parse_size
@@ -52,7 +53,7 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Config
 
     for option, value in (
         ("--workers", args.workers),
-        ("--pickled-tasks", args.pickled_tasks),
+        ("--pickled-tasks", pick("pickled_tasks")),
         ("--rounds", args.rounds),
         ("--items", pick("items")),
         ("--late-iters", pick("late_iters")),
@@ -69,7 +70,7 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Config
         result_size=_size(pick("result_size"), "--result-size"),
         tiny=pick("tiny"),
         workers=args.workers,
-        pickled_tasks=args.pickled_tasks,
+        pickled_tasks=pick("pickled_tasks"),
         timeout=args.timeout,
         rounds=args.rounds,
         workloads=_names(args.workloads, WORKLOADS, "workloads"),
@@ -108,10 +109,24 @@ def run_bench(args: argparse.Namespace, defaults: Mapping[str, Any], words: list
             if outcome.status not in ("skipped", "n/a"):
                 bar.update(1)
 
-        outcomes = run_all(cfg, bar.note, done)
+        outcomes = run_all(cfg, _throttled(bar), done)
     report = _report(cfg, outcomes, words)
     _write(report, args)
     return report.exit_code
+
+
+def _throttled(bar: Progress) -> Callable[[str], None]:
+    """Redraw on a new run at once, else at most once a second (the elapsed time moves)."""
+    shown = {"text": ""}
+    drawn = [0.0]
+
+    def tick(text: str) -> None:
+        now = time.monotonic()
+        if text != shown["text"] or now - drawn[0] >= 1.0:
+            shown["text"], drawn[0] = text, now
+            bar.note(text)
+
+    return tick
 
 
 def _report(cfg: Config, outcomes: list[Outcome], words: list[str]) -> BenchReport:

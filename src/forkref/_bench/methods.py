@@ -374,7 +374,10 @@ method("mpire", "mpire shared_objects", needs={"mpire": "pip install mpire"})
 def _mpire_pool(run: Run, shared: Any = None) -> Any:
     from mpire.pool import WorkerPool
 
-    return WorkerPool(n_jobs=run.cfg.workers, shared_objects=shared, start_method="fork")
+    # keep_alive: the workers outlive map() until the pool ends, so checkpoint() sees them.
+    return WorkerPool(
+        n_jobs=run.cfg.workers, shared_objects=shared, start_method="fork", keep_alive=True
+    )
 
 
 @implements("mpire", *BIG)

@@ -109,10 +109,14 @@ def _seconds(o: Outcome) -> str:
     return f"{o.seconds_full:.3f}{star}"
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
 def _ratio(o: Outcome) -> str:
     if o.ratio is None:
         return "-"
-    return "1.00x (ref)" if o.method == "forkref" else f"{o.ratio:.2f}x"
+    return "1.00x (ref)" if o.method == "forkref" else _times(o.ratio)
 
 
 def _memory(o: Outcome, field: str) -> str:
@@ -237,7 +241,7 @@ def plot(report: BenchReport, path: str) -> None:
         x=0.01, ha="left", fontsize=11,
     )
     fig.text(0.01, 0.005, caption, fontsize=7.5, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, (0.2 + 0.16 * lines) / height, 1, 1))
+    fig.tight_layout(rect=(0, (0.2 + 0.16 * lines) / height, 1, 1 - 0.45 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -257,7 +261,7 @@ def _time_panel(ax: Any, ran: list[Outcome], title: str) -> None:
     for i, o in enumerate(ran):
         text = f"{o.seconds_full:.3g} s"
         if o.ratio is not None and o.method != "forkref":
-            text += f"  {o.ratio:.2g}x"
+            text += f"  {_times(o.ratio)}"
         if o.status == "WRONG":
             text += "  WRONG"
         ax.text(values[i] * 1.08, i, text, va="center", fontsize=7.5,
