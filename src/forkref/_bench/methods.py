@@ -113,13 +113,13 @@ def _pickled_late(run: Run) -> Any:
     return answers
 
 
-@implements("pickled", "result")
+@implements("pickled", "result", label="stdlib Pool, pickled result")
 def _pickled_result(run: Run) -> Any:
     with _lifetime(run, _fork_pool(run)) as pool:
         return pool.starmap(tasks.result, _result_args(run))
 
 
-@implements("pickled", "tiny")
+@implements("pickled", "tiny", label="stdlib Pool")
 def _pickled_tiny(run: Run) -> Any:
     with _started(run, lambda: _fork_pool(run)) as pool:
         return pool.map(trivial, run.data)
@@ -188,7 +188,7 @@ def _share_stdlib_late(run: Run) -> Any:
     return answers
 
 
-@implements("share-stdlib", "result")
+@implements("share-stdlib", "result", label="stdlib Pool + export_result()")
 def _share_stdlib_result(run: Run) -> Any:
     with _lifetime(run, _fork_pool(run)) as pool:
         return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
@@ -221,13 +221,13 @@ def _forkref_late(run: Run) -> Any:
     return answers
 
 
-@implements("forkref", "result")
+@implements("forkref", "result", label="forkref.Pool + export_result()")
 def _forkref_result(run: Run) -> Any:
     with _lifetime(run, _forkref_pool(run)) as pool:
         return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
 
 
-@implements("forkref", "tiny")
+@implements("forkref", "tiny", label="forkref.Pool")
 def _forkref_tiny(run: Run) -> Any:
     with _started(run, lambda: _forkref_pool(run)) as pool:
         return pool.map(trivial, run.data)
@@ -286,13 +286,13 @@ def _spawn_late(run: Run) -> Any:
     return answers
 
 
-@implements("forkref-spawn", "result")
+@implements("forkref-spawn", "result", label="forkref.Pool(spawn) + export_result()")
 def _spawn_result(run: Run) -> Any:
     with _lifetime(run, _spawn_pool(run)) as pool:
         return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
 
 
-@implements("forkref-spawn", "tiny")
+@implements("forkref-spawn", "tiny", label="forkref.Pool(spawn)")
 def _spawn_tiny(run: Run) -> Any:
     with _started(run, lambda: _spawn_pool(run)) as pool:
         return pool.map(trivial, run.data)
@@ -399,7 +399,7 @@ def _mpire_late(run: Run) -> Any:
     return answers
 
 
-@implements("mpire", "result")
+@implements("mpire", "result", label="mpire")
 def _mpire_result(run: Run) -> Any:
     with _mpire_pool(run) as pool:
         answers = pool.map(tasks.result, _result_args(run))
@@ -407,7 +407,7 @@ def _mpire_result(run: Run) -> Any:
     return answers
 
 
-@implements("mpire", "tiny")
+@implements("mpire", "tiny", label="mpire")
 def _mpire_tiny(run: Run) -> Any:
     with _started(run, lambda: _mpire_pool(run)) as pool:
         return pool.map(trivial, run.data)
@@ -556,7 +556,7 @@ def _forkref_ray_late(run: Run) -> Any:
     return answers
 
 
-@implements("forkref-ray", "tiny")
+@implements("forkref-ray", "tiny", label="forkref.Pool(backend=ray)")
 def _forkref_ray_tiny(run: Run) -> Any:
     with _started(run, lambda: _forkref_pool(run, backend="ray")) as pool:
         return pool.map(trivial, run.data)

@@ -109,6 +109,8 @@ class Method:
         available: an extra check; returns why the method cannot run, or None.
         impls: the function for each workload it applies to.
         not_applicable: why it does not apply to a workload it has no function for.
+        labels: a label for one workload where ``label`` would mislead (no
+            ``share()`` in the trivial tasks, ``export_result`` for results).
     """
 
     name: str
@@ -118,6 +120,11 @@ class Method:
     available: Callable[[], str | None] | None = None
     impls: dict[str, Callable[[Run], Any]] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def label_for(self, workload: str) -> str:
+        """What the table and chart call this method on ``workload``."""
+        return self.labels.get(workload, self.label)
 
     def applies(self, workload: str) -> bool:
         """Whether this method has a function for ``workload``."""
@@ -163,13 +170,18 @@ def method(
 
 
 def implements(
-    name: str, *workloads: str
+    name: str, *workloads: str, label: str | None = None
 ) -> Callable[[Callable[[Run], Any]], Callable[[Run], Any]]:
-    """Decorator: the function runs method ``name`` on each of ``workloads``."""
+    """Decorator: the function runs method ``name`` on each of ``workloads``.
+
+    ``label`` names the method on those workloads when its usual label would mislead.
+    """
 
     def register(fn: Callable[[Run], Any]) -> Callable[[Run], Any]:
         for workload in workloads:
             METHODS[name].impls[workload] = fn
+            if label is not None:
+                METHODS[name].labels[workload] = label
         return fn
 
     return register

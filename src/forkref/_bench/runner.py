@@ -123,7 +123,7 @@ def run_all(cfg: Config, tick: Tick, done: Callable[[Outcome], None]) -> list[Ou
                 outcome = _measure(job, tick)
             else:
                 status = "skipped" if m.applies(name) else "n/a"
-                outcome = Outcome(name, m.name, m.label, status, skip)
+                outcome = Outcome(name, m.name, m.label_for(name), status, skip)
             outcomes.append(outcome)
             done(outcome)
         del data, expected
@@ -152,15 +152,15 @@ class _Job:
 
 def _measure(job: _Job, tick: Tick) -> Outcome:
     workload, m, cfg = job.workload, job.method, job.cfg
-    base = Outcome(
-        workload.name, m.name, m.label, "ok", tasks_run=job.tasks, tasks=workload.tasks(cfg)
-    )
+    label = m.label_for(workload.name)
+    full = workload.tasks(cfg)
+    base = Outcome(workload.name, m.name, label, "ok", tasks_run=job.tasks, tasks=full)
     best: Outcome | None = None
     # A method pickling per task runs once: its time is seconds, not milliseconds, and
     # repeating it would only lengthen the run (as benchmarks/bench_core.py does).
     rounds = 1 if job.tasks < base.tasks else cfg.rounds
     for r in range(rounds):
-        text = f"{workload.name}: {m.label}" + (f" (round {r + 1})" if rounds > 1 else "")
+        text = f"{workload.name}: {label}" + (f" (round {r + 1})" if rounds > 1 else "")
         outcome = _outcome(base, _one_round(job, functools.partial(tick, text)), workload.memory)
         if outcome.status != "ok":
             return outcome
