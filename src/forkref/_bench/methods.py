@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import multiprocessing as mp
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -98,7 +99,7 @@ method(
 
 @implements("pickled", *BIG)
 def _pickled_big(run: Run) -> Any:
-    with _lifetime(run, _fork_pool(run)) as pool:
+    with _lifetime(run, _fork_pool(run)) as pool, run.scaling():
         return pool.starmap(tasks.work_pid, _args(run.data, run))
 
 
@@ -107,7 +108,8 @@ def _pickled_late(run: Run) -> Any:
     answers = []
     with _lifetime(run, _fork_pool(run)) as pool:
         for frame in _frames(run):
-            answers.append(pool.starmap(tasks.work_pid, _args(frame, run)))
+            with run.scaling():
+                answers.append(pool.starmap(tasks.work_pid, _args(frame, run)))
             run.checkpoint()
             del frame
     return answers
@@ -435,7 +437,7 @@ def _ray(run: Run) -> Iterator[Any]:
             num_cpus=run.cfg.workers,
             include_dashboard=False,
             log_to_driver=False,
-            configure_logging=False,
+            logging_level=logging.ERROR,  # one ray.init per run: no banner each time
         )
     try:
         yield ray
@@ -484,7 +486,7 @@ def _ray_pool(run: Run) -> Any:
 
 @implements("ray-pool", *BIG)
 def _ray_pool_big(run: Run) -> Any:
-    with _ray(run), _lifetime(run, _ray_pool(run)) as pool:
+    with _ray(run), _lifetime(run, _ray_pool(run)) as pool, run.scaling():
         return pool.starmap(tasks.work_pid, _args(run.data, run))
 
 
@@ -493,7 +495,8 @@ def _ray_pool_late(run: Run) -> Any:
     answers = []
     with _ray(run), _lifetime(run, _ray_pool(run)) as pool:
         for frame in _frames(run):
-            answers.append(pool.starmap(tasks.work_pid, _args(frame, run)))
+            with run.scaling():
+                answers.append(pool.starmap(tasks.work_pid, _args(frame, run)))
             run.checkpoint()
             del frame
     return answers

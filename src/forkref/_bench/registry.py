@@ -206,11 +206,14 @@ class Run:
         self._checkpoint = checkpoint
         self._paused = 0.0
         self._start = time.perf_counter()
+        #: Timed seconds spent in :meth:`scaling` blocks; None if the method has none.
+        self.scaled: float | None = None
 
     def restart_clock(self) -> None:
         """Start timing now."""
         self._paused = 0.0
         self._start = time.perf_counter()
+        self.scaled = None
 
     def elapsed(self) -> float:
         """Seconds since the clock started, minus the untimed parts."""
@@ -224,6 +227,20 @@ class Run:
             yield
         finally:
             self._paused += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def scaling(self) -> Iterator[None]:
+        """The part of the time that grows with the number of tasks (the map, not the pool).
+
+        A method that runs fewer tasks than the workload's has this part
+        scaled up to the full count, the rest counted once. Without such a
+        block the whole time is scaled (an upper bound).
+        """
+        start = self.elapsed()
+        try:
+            yield
+        finally:
+            self.scaled = (self.scaled or 0.0) + self.elapsed() - start
 
     def checkpoint(self) -> None:
         """Untimed: the parent reads every worker's memory now, while they hold the data."""

@@ -188,8 +188,8 @@ def _notes(report: BenchReport) -> list[str]:
     ]
     if any(o.tasks_run < o.tasks for o in report.outcomes if o.seconds is not None):
         notes.append(
-            f"* pickles the data for every task: ran {report.config.pickled_tasks} tasks, "
-            "time scaled linearly to the full count"
+            f"* pickles the data for every task: ran {report.config.pickled_tasks} of the "
+            "tasks, once; the map's time is scaled to the full count, the pool start counted once"
         )
     skipped: dict[str, list[str]] = {}
     for o in report.outcomes:

@@ -73,8 +73,9 @@ class Outcome:
             ``timeout`` or ``error``.
         reason: why it was skipped or does not apply, what differed, or the error.
         seconds: the best measured time of its rounds.
-        seconds_full: ``seconds`` scaled to the workload's full task count
-            (a method pickling per task runs fewer tasks).
+        seconds_full: ``seconds`` with its map part scaled to the workload's
+            full task count (a method pickling per task runs fewer tasks; its
+            pool start is counted once).
         tasks_run, tasks: tasks run, and tasks of a full run.
         ratio: ``seconds_full`` over forkref's (the ``forkref`` method).
         workers: each worker's peak memory (empty where memory means nothing).
@@ -203,7 +204,8 @@ def _child(conn: Connection, job: _Job) -> None:  # pragma: no cover - in the fo
         problem, pids = job.workload.check(job.data, job.expected, answer, job.cfg, job.tasks)
         del answer
         _end_children()
-        conn.send(("done", {"seconds": seconds, "problem": problem, "pids": sorted(pids)}))
+        report = {"seconds": seconds, "scaled": run.scaled, "problem": problem}
+        conn.send(("done", {**report, "pids": sorted(pids)}))
     except BaseException as exc:
         code = 1
         with contextlib.suppress(Exception):
@@ -304,6 +306,8 @@ def _outcome(base: Outcome, report: dict[str, Any], memory: bool) -> Outcome:
         return replace(base, status=status, reason=str(text))
     payload = report["payload"]
     seconds = float(payload["seconds"])
+    factor = base.tasks / max(1, base.tasks_run)
+    scaled = payload["scaled"] if payload["scaled"] is not None else seconds
     workers = _workers(report["peaks"], payload["pids"]) if memory else ()
     problem = payload["problem"]
     return replace(
@@ -311,7 +315,7 @@ def _outcome(base: Outcome, report: dict[str, Any], memory: bool) -> Outcome:
         status="WRONG" if problem else "ok",
         reason=problem,
         seconds=seconds,
-        seconds_full=seconds * base.tasks / max(1, base.tasks_run),
+        seconds_full=seconds + scaled * (factor - 1.0),
         workers=workers,
     )
 
