@@ -244,3 +244,26 @@ def test_ctrl_c_ends_the_run_and_its_processes(fake_methods: None) -> None:
     assert code == 130
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not left
+
+
+def _benchmark_module(name: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_and_the_bench_measure_the_same_data_and_tasks() -> None:
+    from forkref._bench import data, tasks
+
+    pools, core = _benchmark_module("bench_pools"), _benchmark_module("bench_core")
+    for name in ("build_frame", "build_dicts", "late_frame", "work", "trivial", "parse_size"):
+        assert getattr(pools, name) is getattr(data, name), name
+    assert core.build_frame is data.build_frame
+    assert core.TASKS == pools.TASKS == data.TASKS == 16
+    assert tasks.work is data.work  # what every bench method's workers run
