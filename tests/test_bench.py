@@ -40,6 +40,7 @@ def _bench(*args: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.smoke
 def test_every_workload_with_the_fork_methods_is_verified() -> None:
     code, report = _bench("--methods", FORK_METHODS)
     assert code == 0

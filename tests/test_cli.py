@@ -21,6 +21,7 @@ def _forkref(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.smoke
 def test_version() -> None:
     done = _forkref("--version")
     assert done.returncode == 0
@@ -39,6 +40,7 @@ def test_help_is_plain_text_with_the_exit_codes(command: list[str]) -> None:
             assert name in done.stdout
 
 
+@pytest.mark.smoke
 def test_no_command_is_a_usage_error() -> None:
     done = _forkref()
     assert done.returncode == EXIT_USAGE

@@ -42,6 +42,7 @@ def test_text_names_every_fact_and_verdict() -> None:
     assert "``" not in text  # plain words, no markup
 
 
+@pytest.mark.smoke
 def test_json_has_the_facts_and_the_verdicts() -> None:
     done = _run("--json")
     assert done.returncode == 0, done.stderr

@@ -24,6 +24,7 @@ def _references_in_task(pool: forkref.Pool, arg: object) -> int:
     return len(registry()) - before
 
 
+@pytest.mark.smoke
 def test_big_mutable_argument_is_pickled_and_explain_says_so() -> None:
     df = _frame(4 * 2**20)
     why = forkref.explain(df)

@@ -95,6 +95,7 @@ def test_final_count_is_the_number_of_items(
     assert "failed" not in out.getvalue()
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("chunksize", [1, 10])
 def test_generator_without_length(pool: forkref.Pool, chunksize: int) -> None:
     out = io.StringIO()
@@ -110,6 +111,7 @@ def test_generator_without_length(pool: forkref.Pool, chunksize: int) -> None:
     assert f"{N}/{N}" in _final(out)  # map lists a generator first: the total is known
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("chunksize", [1, 10])
 def test_executor_map_counts_items(chunksize: int) -> None:
     out = io.StringIO()

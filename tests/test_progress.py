@@ -124,6 +124,7 @@ def test_plain_tqdm_starts_a_monitor_thread() -> None:
     assert not _monitors()
 
 
+@pytest.mark.smoke
 def test_forkref_bars_never_start_the_monitor_so_pools_fork_cleanly() -> None:
     out = io.StringIO()
     with warnings.catch_warnings():
