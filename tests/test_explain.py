@@ -132,3 +132,10 @@ def test_explain_registers_nothing_and_warns_nothing() -> None:
         forkref.explain(df)
         forkref.explain(df, auto_share=True)
     assert registry().last_serial() == before
+
+
+def test_the_performance_warning_points_to_explain() -> None:
+    df = _frame(4 * 2**20)
+    with forkref.Pool(1) as pool, pytest.warns(forkref.PerformanceWarning) as caught:
+        pool.apply(len, (df,))
+    assert "print(forkref.explain(obj))" in str(caught[0].message)

@@ -415,7 +415,8 @@ def _warn_pickled(obj: object, size: int, where: str) -> None:
         f"{where} is a {cls.__module__}.{cls.__qualname__} of about {_mib(size)} and is "
         "pickled for every task that uses it. Pass forkref.share(obj) instead, or create "
         "the pool with auto_share=True to send big mutable arguments by reference "
-        "(workers then see the object as it was when they forked)."
+        "(workers then see the object as it was when they forked). "
+        "print(forkref.explain(obj)) shows how an object travels and what it costs."
     )
     module = frame.f_globals.get("__name__", "?") if frame else "?"
     warnings.warn_explicit(message, PerformanceWarning, site[0], site[1], module=module)
