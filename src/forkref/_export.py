@@ -43,7 +43,7 @@ Package API (``export_result``, ``import_result`` and ``ResultToken`` are
 also public as ``forkref.*``):
 
 Sharing side, for everyone:
-    ensure_serving(ref) -> None     a handle leaves this process: listen, and
+    ensure_serving(ref, start=True) a handle leaves this process: listen, and
                                     start the export thread unless deferred()
     paused() -> context manager     fork inside it: no export thread across the fork
     stats() -> ExportStats          counters, for tests and reports
@@ -162,18 +162,19 @@ _hooks_registered = False
 _deferring = threading.local()
 
 
-def ensure_serving(ref: Reference) -> None:
+def ensure_serving(ref: Reference, start: bool = True) -> None:
     """Make sure this process answers export requests for ``ref``.
 
     Called when a handle is pickled in the process that shared it (a cheap
     check after the first time). Binds the server's socket; starts the
-    export thread unless called inside :func:`deferred` (then
-    :func:`serve_pending` starts it). Elsewhere it does nothing: only the
-    sharing process can export. Restarts an export thread that died.
+    export thread unless ``start`` is false or the call comes inside
+    :func:`deferred` (then :func:`serve_pending` starts it). Elsewhere it
+    does nothing: only the sharing process can export. Restarts an export
+    thread that died.
     """
     if ref.origin_pid != os.getpid() or _server_failed_pid == ref.origin_pid:
         return
-    start = not getattr(_deferring, "depth", 0)
+    start = start and not getattr(_deferring, "depth", 0)
     server = _server
     if server is not None and (not start or _paused or server.running()):
         return
