@@ -151,7 +151,7 @@ class _Board:
     """The page workers read to learn which exports are still live (the sharing side)."""
 
     def __init__(self) -> None:
-        self.fd = _shm.create_anonymous(BOARD_BYTES, "forkref's export board")
+        self.fd = _board_fd()
         try:
             self.map = mmap.mmap(self.fd, BOARD_BYTES, flags=mmap.MAP_SHARED)
         except BaseException:
@@ -189,6 +189,28 @@ class _Board:
         self.words.release()
         self.map.close()
         _close_quietly(self.fd)
+
+
+def _board_fd() -> int:
+    """A descriptor for the board: a memfd where there is one, else a segment.
+
+    Not a file of the segment directory: the board is control state that
+    lives as long as the server, and must neither pin that directory (a tmpfs
+    could not be unmounted) nor fail when it is full.
+    """
+    if hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create("forkref-board", os.MFD_CLOEXEC)
+        except OSError:
+            pass
+        else:
+            try:
+                os.ftruncate(fd, BOARD_BYTES)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+    return _shm.create_anonymous(BOARD_BYTES, "forkref's export board")
 
 
 # -- exports and connections ---------------------------------------------------------
@@ -433,14 +455,14 @@ class Server:
     # -- exports -------------------------------------------------------------------------
 
     def _serve(self, conn: _Conn, ref: Reference) -> tuple[_Export, int | None]:
-        obj = registry().lookup(ref)  # raises NotInheritedError: forged, foreign, released
+        obj = _lookup(ref)
         with self.locked():
             export = self._find(ref, obj)
         if export is None:
             export = self._create(ref, obj)
         with self.locked():
             if export.fd < 0:  # released (or its object died) meanwhile
-                registry().lookup(ref)
+                _lookup(ref)
                 raise NotInheritedError(f"the shared {ref.typename} was released meanwhile.")
             export.holders.add(conn.fd)
             conn.held.add(export)
@@ -607,6 +629,20 @@ class Server:
                 "served": self.served,
                 "connections": len(self.conns),
             }
+
+
+def _lookup(ref: Reference) -> object:
+    """The registered object, or NotInheritedError saying why not (forged, foreign, released).
+
+    The message is the why and the fix only: the worker puts them after its
+    own account of what it tried.
+    """
+    reg = registry()
+    try:
+        return reg.lookup(ref)
+    except NotInheritedError:
+        why, fix = reg.diagnose(ref)
+        raise NotInheritedError(f"{why[:1].lower()}{why[1:]}. {fix}") from None
 
 
 def _registered(ref: Reference) -> object:

@@ -35,6 +35,7 @@ import gc
 import json
 import mmap
 import os
+import resource
 import socket
 import threading
 import weakref
@@ -78,6 +79,8 @@ class _Disconnected(Exception):
 
 
 class _Cached:
+    """A fetched object, the export it came from, and the references that named it."""
+
     __slots__ = ("mapping", "obj", "refs", "serial", "slot")
 
     def __init__(self, obj: object, serial: int, slot: int, mapping: mmap.mmap | None) -> None:
@@ -369,8 +372,7 @@ def _os_error(step: str, err: OSError | ValueError) -> FetchError:
 
 
 def _open_files() -> str:
-    import resource
-
+    # `resource` is imported up front: at the limit, an import cannot open its file.
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     try:
         return f"{len(os.listdir('/proc/self/fd'))} open, soft limit {soft}"

@@ -375,8 +375,7 @@ _WHY_FOREIGN = (
 _WHY_FORGED = "The reference is corrupted or forged (its authentication code does not match)"
 _FIX_FORGED = "Pass the handle returned by forkref.share() unmodified."
 _WHY_RELEASED = (
-    "The sharing process no longer holds it: every handle to it was released or "
-    "garbage-collected"
+    "The sharing process no longer holds it: every handle to it was released or garbage-collected"
 )
 _WHY_RELEASED_BEFORE_FORK = (
     "It was released in the sharing process before this process was forked, so this "
