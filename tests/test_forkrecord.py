@@ -185,6 +185,23 @@ def test_containers_are_looked_into_up_to_the_limit() -> None:
 GLOBAL_OBJ = Obj(11)
 
 
+def test_a_huge_module_is_looked_at_up_to_its_most_recent_globals() -> None:
+    import types
+
+    module = types.ModuleType("forkref_test_huge_module")
+    names = vars(module)
+    for i in range(_forkrecord.NAMESPACE_LIMIT + 100):
+        names[f"g{i}"] = Obj(i)
+    code = compile("def here():\n    return sys._getframe()\n", module.__name__, "exec")
+    names["sys"] = sys
+    exec(code, names)
+    del names  # a local dict would be looked into itself
+    _forkrecord.record(module.here())
+    newest = getattr(module, f"g{_forkrecord.NAMESPACE_LIMIT + 99}")
+    assert _forkrecord.find(newest) is not None
+    assert _forkrecord.find(module.g0) is None  # beyond the limit, the oldest
+
+
 def test_module_globals_are_recorded() -> None:
     _forkrecord.record(sys._getframe())
     found = _forkrecord.find(GLOBAL_OBJ)

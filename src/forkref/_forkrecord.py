@@ -56,8 +56,12 @@ objects (they go through shared memory when shared late), unless they sit
 inside a weakref-able object that is itself shared. Only what the forking
 thread can see is recorded: its frames' variables, their modules' globals and
 ``__main__``'s, one level deep. Containers are looked into up to
-``EXPAND_LIMIT`` items. The globals of standard-library modules and of
-forkref itself are skipped (they hold no user data and cost time at every fork).
+``EXPAND_LIMIT`` items, a module's globals up to its ``NAMESPACE_LIMIT`` most
+recently added ones. The globals of standard-library modules and of forkref
+itself are skipped (they hold no user data and cost time at every fork).
+The cost per fork (``benchmarks/bench_share_anywhere.py`` measures it): a
+dict probe per object looked at, and a weak reference per object seen for
+the first time.
 
 Python 3.10 to 3.12 build a dict of a function's local variables when its
 frame's ``f_locals`` is read, and keep it on the frame: a variable rebound or
@@ -95,6 +99,7 @@ __all__ = [
 ]
 
 EXPAND_LIMIT = 1024  # items looked at in one list, tuple or dict
+NAMESPACE_LIMIT = 4096  # globals looked at in one module: the most recently added
 _CO_OPTIMIZED = 0x0001  # a function's frame: f_locals is a snapshot, not the namespace
 _PEP_667 = sys.version_info >= (3, 13)
 # The frame's own reference, ours, and getrefcount's argument.
@@ -231,7 +236,7 @@ def record(frame: types.FrameType | None, token: int | None = None, seq: int = 0
     """Record the objects reachable from ``frame`` and its callers; return how many were new."""
     scan = _Scan()
     main = sys.modules.get("__main__")
-    if main is not None:
+    if main is not None and isinstance(getattr(main, "__dict__", None), dict):
         scan.namespace(vars(main))
     while frame is not None:
         scan.frame(frame)
@@ -282,6 +287,11 @@ def _is_handle(cls: type) -> bool:
 
 def _items(obj: Any) -> Iterable[object]:
     """Up to EXPAND_LIMIT items of a list, tuple or dict (values), bypassing overrides."""
+    cls = type(obj)
+    if cls is list or cls is tuple:  # the common case, sliced in C
+        return obj[:EXPAND_LIMIT]  # type: ignore[no-any-return]
+    if cls is dict and len(obj) <= EXPAND_LIMIT:
+        return obj.values()  # type: ignore[no-any-return]
     if isinstance(obj, dict):
         return itertools.islice(dict.values(obj), EXPAND_LIMIT)
     if isinstance(obj, list):
@@ -300,18 +310,20 @@ class _Scan:
         self.namespaces: set[int] = set()
 
     def namespace(self, names: dict[str, Any]) -> None:
-        """A module's globals: every value, and one level into containers."""
-        if id(names) in self.namespaces:
-            return
+        """A module's globals, the most recent first, and one level into containers."""
         self.namespaces.add(id(names))
-        # list() first: another thread may bind a global meanwhile.
-        self.values(list(names.values()), attrs=False)
+        # A list first: another thread may bind a global meanwhile. Bounded:
+        # the cost of a fork must not grow with a huge generated module.
+        self.values(list(itertools.islice(reversed(names.values()), NAMESPACE_LIMIT)), False)
 
     def frame(self, frame: types.FrameType) -> None:
         names = frame.f_globals
-        module = str(names.get("__name__") or "").partition(".")[0]
-        if module not in _SKIP_MODULES:
-            self.namespace(names)
+        if id(names) not in self.namespaces:
+            module = str(names.get("__name__") or "").partition(".")[0]
+            if module in _SKIP_MODULES:
+                self.namespaces.add(id(names))
+            else:
+                self.namespace(names)
         if frame.f_code.co_flags & _CO_OPTIMIZED:
             self.values(_local_values(frame), attrs=True)
         elif frame.f_locals is not names:  # a class body, exec() with its own namespace
@@ -335,7 +347,7 @@ class _Scan:
             return
         self.expanded.add(id(obj))
         if kind & _EXPAND:
-            inner = list(_items(obj))
+            inner = list(_items(obj))  # a copy: another thread may change it meanwhile
         else:
             try:
                 attrs = object.__getattribute__(obj, "__dict__")
