@@ -33,6 +33,19 @@ class Obj:
         raise AssertionError("an Obj was pickled")
 
 
+class Wide:
+    """Over 512 bytes, so malloc (not pymalloc) allocates it: a freed one's address
+    comes back with the next one made, as reliably as an allocator can be asked to."""
+
+    __slots__ = ("__weakref__", "n", *(f"s{i}" for i in range(100)))
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self) -> Any:
+        raise AssertionError("a Wide was pickled")
+
+
 def in_child(body: Callable[[], object]) -> Any:
     """Fork, run ``body`` in the child, return what it returned (as JSON)."""
     r, w = os.pipe()
@@ -106,23 +119,36 @@ def test_object_alive_at_fork_resolves_in_child_shared_after_the_fork() -> None:
     assert report == {"id": id(obj), "n": 7}  # the inherited object itself, never pickled
 
 
+def object_at(address: int, make: Callable[[], object]) -> tuple[object | None, list[object]]:
+    """Make objects until one lands at ``address``; the others are kept (returned), so
+    that the allocator moves on. ``(None, kept)`` if none did."""
+    kept: list[object] = []
+    for _ in range(20_000):
+        candidate = make()
+        if id(candidate) == address:
+            return candidate, kept
+        kept.append(candidate)
+    return None, kept
+
+
+def give_up(child: tuple[int, int, int]) -> None:
+    os.kill(child[0], 9)
+    os.waitpid(child[0], 0)
+    os.close(child[1])
+    os.close(child[2])
+    pytest.skip("the allocator did not reuse the address")
+
+
 def test_object_born_at_a_dead_ones_address_is_never_taken_for_it() -> None:
-    old = Obj(1)
+    old = Wide(1)
     address = id(old)
-    child = forked_child()  # the child holds `old` at `address`
+    child = forked_child()  # the child holds `old` at `address`, and its record
+    assert _forkrecord.find(old) is not None
     del old
     gc.collect()
-    keep, new = [], None
-    for _i in range(100_000):  # CPython reuses a freed block of the same size soon
-        candidate = Obj(2)
-        if id(candidate) == address:
-            new = candidate
-            break
-        keep.append(candidate)
+    new, _kept = object_at(address, lambda: Wide(2))
     if new is None:
-        os.kill(child[0], 9)
-        os.waitpid(child[0], 0)
-        pytest.skip("the allocator did not reuse the address")
+        give_up(child)
     assert id(new) == address
     handle = forkref.share(new)
     assert not handle.ref.record  # born after the fork: no record proves otherwise
@@ -134,22 +160,15 @@ def test_object_born_at_a_dead_ones_address_is_never_taken_for_it() -> None:
 
 
 def test_record_made_at_a_later_fork_does_not_match_an_older_child() -> None:
-    old = Obj(1)
+    old = Wide(1)
     address = id(old)
     older = forked_child()  # records `old`
     del old
     gc.collect()
-    keep, new = [], None
-    for _ in range(100_000):
-        candidate = Obj(2)
-        if id(candidate) == address:
-            new = candidate
-            break
-        keep.append(candidate)
+    new, kept = object_at(address, lambda: Wide(2))
     if new is None:
-        os.kill(older[0], 9)
-        os.waitpid(older[0], 0)
-        pytest.skip("the allocator did not reuse the address")
+        give_up(older)
+    del kept
     newer = forked_child()  # records `new`, at the same address, with a new token
     handle = forkref.share(new)
     assert handle.ref.record
@@ -173,6 +192,17 @@ def test_one_level_into_containers_and_a_local_objects_attributes() -> None:
     assert _forkrecord.find(box.attr) is not None  # type: ignore[attr-defined]
     assert _forkrecord.find(holder["deep"]["b"]) is None  # two levels: not looked at
     assert _forkrecord.find(inner) is None  # a plain list cannot be weakly referenced
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 instances always have a dict")
+def test_looking_into_a_local_object_leaves_no_dict_on_it() -> None:
+    box = Obj(1)
+    box.attr = Obj(2)  # type: ignore[attr-defined]
+    assert not any(type(r) is dict for r in gc.get_referents(box))  # attributes kept inline
+    _forkrecord.record(sys._getframe())
+    assert _forkrecord.find(box.attr) is not None  # type: ignore[attr-defined]
+    # Reading box.__dict__ would have made CPython build one for good.
+    assert not any(type(r) is dict for r in gc.get_referents(box))
 
 
 def test_containers_are_looked_into_up_to_the_limit() -> None:

@@ -31,9 +31,9 @@ Pool = multiprocessing.get_context("fork").Pool
 class BigObject:
     """The thread's BigObject, which refuses to be pickled."""
 
-    def __init__(self, n: int = 1) -> None:
+    def __init__(self, n: int = 1, payload: int = 4 * MiB) -> None:
         self.n = n
-        self.payload = bytearray(4 * MiB)
+        self.payload = bytearray(payload)
 
     def __reduce__(self) -> Any:
         raise AssertionError("a BigObject was pickled")
@@ -93,9 +93,20 @@ def test_a_frame_and_an_array_shared_after_the_fork_stay_shared() -> None:
 # -- objects born after the fork --------------------------------------------------------
 
 
-class Picklable:
-    def __init__(self, n: int) -> None:
+class Wide:
+    """Over 512 bytes, so malloc allocates it: a freed one's address comes back at once."""
+
+    __slots__ = ("__weakref__", "n", *(f"s{i}" for i in range(100)))
+
+    def __init__(self, n: int, payload: int = 0) -> None:
         self.n = n
+
+
+class WideUnpicklable(Wide):
+    __slots__ = ()
+
+    def __reduce__(self) -> Any:
+        raise AssertionError("a WideUnpicklable was pickled")
 
 
 def read_n(obj: Any) -> int:
@@ -104,18 +115,18 @@ def read_n(obj: Any) -> int:
 
 def late_objects(kind: type) -> tuple[str, object]:
     """An object dies after the fork; one of the same type takes its address; share it."""
-    old = kind(1)
+    old = kind(1, payload=0)
     address = id(old)
-    with Pool(1) as pool:
+    with Pool(1) as pool:  # the workers hold `old` at `address`, and the fork recorded it
         del old
         gc.collect()
-        keep, new = [], None
-        for _ in range(100_000):
-            candidate = kind(2)
+        kept, new = [], None
+        for _ in range(20_000):  # small objects: what is kept while searching stays small
+            candidate = kind(2, payload=0)
             if id(candidate) == address:
                 new = candidate
                 break
-            keep.append(candidate)
+            kept.append(candidate)
         if new is None:
             return "no reuse", None
         try:
@@ -124,12 +135,12 @@ def late_objects(kind: type) -> tuple[str, object]:
             return "error", str(err)
 
 
-@pytest.mark.parametrize("kind", [BigObject, Picklable])
+@pytest.mark.parametrize("kind", [WideUnpicklable, Wide])
 def test_an_object_born_at_a_dead_ones_address_is_never_taken_for_it(kind: type) -> None:
     outcome, value = late_objects(kind)
     if outcome == "no reuse":
         pytest.skip("the allocator did not reuse the address")
-    if kind is Picklable:
+    if kind is Wide:
         assert (outcome, value) == ("ok", 2)  # the new one, through shared memory
     else:  # it refuses pickling: a clear error, never the old object's 1
         assert outcome == "error"

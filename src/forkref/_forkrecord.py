@@ -13,7 +13,7 @@ nothing, so forkref keeps a table of weak references, filled at every fork::
       walk the forking thread's frames: locals,     (copy-on-write)
       their modules' globals and __main__'s,
       one level into lists, tuples and dicts
-      (and into a local object's __dict__);
+      (and into a local object's attributes);
       for each weakref-able object o:
         table[id(o)] = weakref(o) tagged (token of F, seq)
         unless the table already holds o itself
@@ -76,6 +76,7 @@ objects a child drops (it then fetches them through shared memory).
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import secrets
@@ -346,16 +347,8 @@ class _Scan:
         if id(obj) in self.expanded:
             return
         self.expanded.add(id(obj))
-        if kind & _EXPAND:
-            inner = list(_items(obj))  # a copy: another thread may change it meanwhile
-        else:
-            try:
-                attrs = object.__getattribute__(obj, "__dict__")
-            except Exception:
-                return
-            if type(attrs) is not dict:
-                return
-            inner = list(_items(attrs))
+        # Copies: another thread may change the container meanwhile.
+        inner = list(_items(obj)) if kind & _EXPAND else _attribute_values(obj)
         kinds, found = _kinds, self.found
         for item in inner:  # one level only: records, never expands further
             item_kind = kinds.get(type(item))
@@ -377,6 +370,25 @@ class _Scan:
                 continue
             new += 1
         return new
+
+
+def _attribute_values(obj: object) -> list[object]:
+    """The values of an object's attributes, without touching the object.
+
+    Not ``obj.__dict__``: since 3.11 CPython keeps an instance's attributes
+    inline and builds a dict only when ``__dict__`` is asked for, so reading it
+    would leave a dict on every local object at every fork. The garbage
+    collector's view (``tp_traverse``) gives the same values, slots included,
+    and runs no Python code. A dict among them (a materialized ``__dict__``)
+    is looked into.
+    """
+    values: list[object] = []
+    for ref in gc.get_referents(obj)[:EXPAND_LIMIT]:
+        if type(ref) is dict:
+            values.extend(_items(ref))
+        elif not isinstance(ref, type):
+            values.append(ref)
+    return values
 
 
 def _local_values(frame: types.FrameType) -> list[object]:
