@@ -108,6 +108,7 @@ class _Link:
         self.board_map = _shm.map_readonly(fd, BOARD_BYTES)
         self.board = memoryview(self.board_map).cast("Q")
         self.seen = self.board[0]
+        _boarded.append(self)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -116,6 +117,7 @@ class _Link:
 
 
 _links: dict[tuple[bytes, int], _Link] = {}
+_boarded: list[_Link] = []  # links with a board, for before_task() (appended to only)
 _cache: dict[Reference, _Cached] = {}
 # Reentrant: rebuilding an object may resolve handles nested inside it.
 _lock = threading.RLock()
@@ -130,11 +132,8 @@ def before_task() -> None:
     at all in a process that never fetched). Call it between tasks, when no
     task is using a fetched object; a task still holding one keeps it alive.
     """
-    if not _links:
-        return
-    for link in tuple(_links.values()):
-        board = link.board
-        if board is not None and board[0] != link.seen:
+    for link in _boarded:
+        if link.board[0] != link.seen:  # type: ignore[index]
             with _lock:
                 _sweep(link)
 
@@ -434,4 +433,5 @@ def _after_fork_child() -> None:
     for link in _links.values():
         link.close()
     _links.clear()
+    _boarded.clear()
     _cache.clear()
