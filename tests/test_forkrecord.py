@@ -215,6 +215,39 @@ def test_containers_are_looked_into_up_to_the_limit() -> None:
 GLOBAL_OBJ = Obj(11)
 
 
+_DEEP: list[list[Obj]] = [[]]  # two levels down from a global: never looked at
+
+
+def _recurse(depth: int) -> None:
+    here = Obj(depth)  # a local of every frame
+    _DEEP[0].append(here)
+    if depth > 0:
+        _recurse(depth - 1)
+    else:
+        _forkrecord.record(sys._getframe())
+
+
+def test_a_deep_stack_is_looked_at_from_both_ends() -> None:
+    import threading
+
+    found: dict[str, bool] = {}
+
+    def outermost() -> None:  # a thread's stack: this frame is among its outermost
+        marker = Obj(-1)
+        _recurse(_forkrecord.INNER_FRAMES * 3)
+        made = _DEEP[0]  # outermost first
+        found["outer"] = _forkrecord.find(marker) is not None
+        found["inner"] = _forkrecord.find(made[-1]) is not None
+        found["middle"] = _forkrecord.find(made[len(made) // 2]) is not None
+
+    _DEEP[0].clear()
+    thread = threading.Thread(target=outermost)
+    thread.start()
+    thread.join()
+    _DEEP[0].clear()
+    assert found == {"outer": True, "inner": True, "middle": False}
+
+
 def test_a_huge_module_is_looked_at_up_to_its_most_recent_globals() -> None:
     import types
 

@@ -57,8 +57,10 @@ inside a weakref-able object that is itself shared. Only what the forking
 thread can see is recorded: its frames' variables, their modules' globals and
 ``__main__``'s, one level deep. Containers are looked into up to
 ``EXPAND_LIMIT`` items, a module's globals up to its ``NAMESPACE_LIMIT`` most
-recently added ones. The globals of standard-library modules and of forkref
-itself are skipped (they hold no user data and cost time at every fork).
+recently added ones, and the local variables of the ``INNER_FRAMES`` innermost
+and ``OUTER_FRAMES`` outermost frames (a deep recursion's middle is skipped).
+The globals of standard-library modules and of forkref itself are skipped
+(they hold no user data and cost time at every fork).
 The cost per fork (``benchmarks/bench_share_anywhere.py`` measures it): a
 dict probe per object looked at, and a weak reference per object seen for
 the first time.
@@ -100,7 +102,10 @@ __all__ = [
 ]
 
 EXPAND_LIMIT = 1024  # items looked at in one list, tuple or dict
-NAMESPACE_LIMIT = 4096  # globals looked at in one module: the most recently added
+NAMESPACE_LIMIT = 2048  # globals looked at in one module: the most recently added
+# Frames whose local variables are looked at: the innermost (the function that
+# starts the pool and its callers) and the outermost (main(), the script).
+INNER_FRAMES, OUTER_FRAMES = 64, 16
 _CO_OPTIMIZED = 0x0001  # a function's frame: f_locals is a snapshot, not the namespace
 _PEP_667 = sys.version_info >= (3, 13)
 # The frame's own reference, ours, and getrefcount's argument.
@@ -239,9 +244,15 @@ def record(frame: types.FrameType | None, token: int | None = None, seq: int = 0
     main = sys.modules.get("__main__")
     if main is not None and isinstance(getattr(main, "__dict__", None), dict):
         scan.namespace(vars(main))
+    frames = []
     while frame is not None:
-        scan.frame(frame)
+        frames.append(frame)
         frame = frame.f_back
+    # Bounded: a deep recursion must not make every fork slower. Its middle
+    # frames still contribute their modules' globals.
+    inner = len(frames) - OUTER_FRAMES
+    for depth, each in enumerate(frames):
+        scan.frame(each, with_locals=depth < INNER_FRAMES or depth >= inner)
     return scan.commit(secrets.randbits(64) if token is None else token, seq)
 
 
@@ -317,7 +328,7 @@ class _Scan:
         # the cost of a fork must not grow with a huge generated module.
         self.values(list(itertools.islice(reversed(names.values()), NAMESPACE_LIMIT)), False)
 
-    def frame(self, frame: types.FrameType) -> None:
+    def frame(self, frame: types.FrameType, with_locals: bool) -> None:
         names = frame.f_globals
         if id(names) not in self.namespaces:
             module = str(names.get("__name__") or "").partition(".")[0]
@@ -325,6 +336,8 @@ class _Scan:
                 self.namespaces.add(id(names))
             else:
                 self.namespace(names)
+        if not with_locals:
+            return
         if frame.f_code.co_flags & _CO_OPTIMIZED:
             self.values(_local_values(frame), attrs=True)
         elif frame.f_locals is not names:  # a class body, exec() with its own namespace
