@@ -6,7 +6,10 @@ the objects the forking thread's frames and module globals hold
 and off:
 
 * ``scan``: the recording alone, called directly (steady state: the objects
-  were recorded at an earlier fork, as in a program that forks repeatedly);
+  were recorded at an earlier fork, as in a program that forks repeatedly),
+  twice: ``warm`` in a loop of scans, and ``after fork`` right after a fork,
+  when every first write to a page of the parent costs a page fault (the
+  kernel write-protects them all at a fork), as in a loop that forks;
 * ``fork``: a full ``os.fork()`` + child ``os._exit(0)`` + ``waitpid`` round
   trip from the same frame, the cost a pool pays per worker it forks;
 
@@ -22,6 +25,8 @@ DataFrame:
 
 * ``global``       the frame is a module global set before the pool forks
                    (the hand-made trick, the best case);
+* ``no hook``      the same with forkref's fork hook turned off: what the hook
+                   costs a real pool start;
 * ``share-before`` ``forkref.share(frame)`` before the pool forks;
 * ``share-after``  ``forkref.share(frame)`` after the pool forked (the thread's
                    code), resolved through the fork record;
@@ -106,7 +111,9 @@ def hook_cost(depth: int, n_globals: int, forks: int) -> dict[str, Any]:
     mod = _module_with_globals(n_globals)
     descend: Callable[[int, Callable[[], float]], float] = mod.descend
     descend(depth, _fork_once)  # first fork: records everything once
-    times: dict[str, list[float]] = {"scan": [], "fork_on": [], "fork_off": []}
+    times: dict[str, list[float]] = {"warm": [], "scan": [], "fork_on": [], "fork_off": []}
+    for _ in range(forks):
+        times["warm"].append(descend(depth, _scan_once))
     for _ in range(forks):
         times["scan"].append(descend(depth, _scan_once))
         times["fork_on"].append(descend(depth, _fork_once))
@@ -124,15 +131,15 @@ def hook_cost(depth: int, n_globals: int, forks: int) -> dict[str, Any]:
 
 def hook_report(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'stack':>6} {'globals':>8} | {'scan us':>8} | {'fork+exit+wait us: off':>22} "
-        f"{'on':>8} | {'on/off':>7} {'scan/fork':>9}"
+        f"{'stack':>6} {'globals':>8} | {'scan us: warm':>13} {'after fork':>10} | "
+        f"{'fork+exit+wait us: off':>22} {'on':>7} | {'on/off':>6} {'scan/fork':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['depth']:>6} {r['globals']:>8} | {r['scan_us']:>8.0f} | {r['fork_off_us']:>22.0f} "
-            f"{r['fork_on_us']:>8.0f} | {r['fork_on_us'] / r['fork_off_us']:>6.2f}x "
-            f"{r['scan_us'] / r['fork_off_us']:>8.1%}"
+            f"{r['depth']:>6} {r['globals']:>8} | {r['warm_us']:>13.0f} {r['scan_us']:>10.0f} | "
+            f"{r['fork_off_us']:>22.0f} {r['fork_on_us']:>7.0f} | "
+            f"{r['fork_on_us'] / r['fork_off_us']:>5.2f}x {r['scan_us'] / r['fork_off_us']:>8.1%}"
         )
     return "\n".join(lines)
 
@@ -156,24 +163,28 @@ def _scenario(mode: str, frame: Any) -> tuple[float, list[float]]:
     global _GLOBAL
     df = frame  # a local of this frame when the pool forks, as in parent()
     handle = forkref.share(df) if mode == "share-before" else None
-    if mode == "global":
+    if mode in ("global", "no hook"):
         _GLOBAL = df
+    hooked = _forkrecord.set_enabled(mode != "no hook")
     gc.collect()
-    t0 = time.perf_counter()
-    with mp.get_context("fork").Pool(WORKERS) as pool:
-        if mode == "share-after":
-            handle = forkref.share(df)  # after the fork, inside the with block
-        fn = slice_sum_global if mode == "global" else slice_sum
-        arg = {"global": None, "pickled": df}.get(mode, handle)
-        out = pool.starmap(fn, [(arg, i) for i in range(TASKS)], 1)
-        elapsed = time.perf_counter() - t0
-    _GLOBAL = None
+    try:
+        t0 = time.perf_counter()
+        with mp.get_context("fork").Pool(WORKERS) as pool:
+            if mode == "share-after":
+                handle = forkref.share(df)  # after the fork, inside the with block
+            fn = slice_sum_global if mode in ("global", "no hook") else slice_sum
+            arg = {"global": None, "no hook": None, "pickled": df}.get(mode, handle)
+            out = pool.starmap(fn, [(arg, i) for i in range(TASKS)], 1)
+            elapsed = time.perf_counter() - t0
+    finally:
+        _forkrecord.set_enabled(hooked)
+        _GLOBAL = None
     return elapsed, out
 
 
 def scenario(size: int, rounds: int) -> dict[str, Any]:
     frame = build_frame(size)
-    modes = ["global", "share-before", "share-after"]
+    modes = ["no hook", "global", "share-before", "share-after"]
     if size <= 64 * 2**20:
         modes.append("pickled")
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -192,18 +203,19 @@ def scenario(size: int, rounds: int) -> dict[str, Any]:
 
 def scenario_report(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'size':>8} | {'best s: global':>14} {'before':>8} {'after':>8} {'pickled':>8} | "
-        f"{'after/global best':>17} {'median':>7} | {'after/before':>12}"
+        f"{'size':>7} | {'best s: no hook':>15} {'global':>7} {'before':>7} {'after':>7} "
+        f"{'pickled':>7} | {'global/no hook':>14} | {'after/global':>12} {'median':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        pickled = f"{r['pickled']['best_s']:>8.3f}" if "pickled" in r else f"{'-':>8}"
+        best = {m: r[m]["best_s"] for m in r if m != "size_bytes"}
+        pickled = f"{best['pickled']:>7.3f}" if "pickled" in best else f"{'-':>7}"
         lines.append(
-            f"{r['size_bytes'] / 2**20:>6.0f}Mi | {r['global']['best_s']:>14.3f} "
-            f"{r['share-before']['best_s']:>8.3f} {r['share-after']['best_s']:>8.3f} {pickled} | "
-            f"{r['share-after']['best_s'] / r['global']['best_s']:>16.2f}x "
-            f"{r['share-after']['median_s'] / r['global']['median_s']:>6.2f}x | "
-            f"{r['share-after']['best_s'] / r['share-before']['best_s']:>11.2f}x"
+            f"{r['size_bytes'] / 2**20:>5.0f}Mi | {best['no hook']:>15.3f} {best['global']:>7.3f} "
+            f"{best['share-before']:>7.3f} {best['share-after']:>7.3f} {pickled} | "
+            f"{best['global'] / best['no hook']:>13.2f}x | "
+            f"{best['share-after'] / best['global']:>11.2f}x "
+            f"{r['share-after']['median_s'] / r['global']['median_s']:>5.2f}x"
         )
     return "\n".join(lines)
 
