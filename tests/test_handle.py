@@ -257,7 +257,7 @@ def test_non_fork_workers_fail_clearly_for_an_unpicklable_object(method: str) ->
     """Shared memory needs one pickle; an object that refuses it fails the task, not the pool."""
     handle = share(BigObject(8))
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context(method)) as ex:
-        with pytest.raises(NotInheritedError, match=r"spawn or forkserver.*pickling failed"):
+        with pytest.raises(NotInheritedError, match=r"spawn or forkserver.*could not pickle it"):
             ex.submit(child, handle).result(timeout=60)
         assert ex.submit(abs, -3).result(timeout=60) == 3
 

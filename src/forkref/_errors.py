@@ -41,10 +41,12 @@ class NotInheritedError(Error):
     """A shared object's reference cannot be resolved in this process.
 
     Raised (on first use of the object, never while unpickling) when the
-    process did not inherit the object: it was shared after this worker was
-    forked, it was released, the worker was started by spawn/forkserver, the
-    reference comes from another process tree, or it was corrupted or forged.
-    The message says which, and what to do.
+    process holds no copy of the object and shared memory could not bring one:
+    it was shared after this worker was forked and no fork record proves the
+    worker holds it (it did not exist yet, or cannot be weakly referenced), it
+    was released, the worker was started by spawn/forkserver, the reference
+    comes from another process tree, or it was corrupted or forged. The message
+    says which case it is, why shared memory could not stand in, and what to do.
     """
 
 
@@ -70,9 +72,10 @@ __all__ += ["SharedMemoryError", "SharedMemoryFullError"]
 
 
 class SharedMemoryError(Error):
-    """A shared-memory segment could not be created, written, found or mapped.
+    """A shared-memory segment could not be created, written, found, received or mapped.
 
-    The message names the step, the object and the segment directory.
+    The message names the step, the object and the cause: the segment
+    directory, or a worker at its open-file limit (with how to raise it).
     """
 
     __module__ = "forkref"

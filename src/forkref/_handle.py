@@ -2,13 +2,15 @@
 
 In the sharing process a :class:`Shared` handle holds the object and one
 registration in the registry. Pickled, it is only its :class:`Reference`
-(about 150 bytes, whatever the object's size). Unpickled, it is resolved by
-:func:`_resolve`: in the sharing process and in processes forked from it
-after the share, that yields the original object itself, not a proxy, so
-worker functions take it as a plain argument. A process that did not inherit
-it (started by spawn or forkserver, or forked before the share) asks the
-sharing process, which serializes the object once into shared memory
-(``forkref._export``); the worker maps it, zero-copy for array buffers.
+(about 170 bytes, whatever the object's size). Unpickled, it is resolved by
+:func:`_resolve`: in the sharing process, in processes forked from it after
+the share, and in processes forked before the share while the object was
+already alive (its fork record, :mod:`forkref._forkrecord`), that yields the
+original object itself, not a proxy, so worker functions take it as a plain
+argument. A process that holds no copy (started by spawn or forkserver, or
+forked before the object existed) asks the sharing process, which serializes
+the object once into shared memory (``forkref._export``); the worker maps
+it, zero-copy for array buffers.
 
 Resolution never raises. The stdlib pools lose the worker when unpickling a
 task raises (``multiprocessing.Pool`` then hangs on that task forever,
@@ -29,7 +31,7 @@ from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
 from forkref import _export
-from forkref._errors import NotInheritedError, ReleasedError
+from forkref._errors import Error, NotInheritedError, ReleasedError
 from forkref._registry import Reference, note_reference, registry
 
 __all__ = ["Shared", "Unavailable", "share"]
@@ -92,10 +94,12 @@ class Shared(Generic[T]):
     def release(self) -> None:
         """Drop this handle's registration now. Safe to call twice.
 
-        Workers already forked keep their inherited copy; references pickled
-        after this no longer resolve in processes forked later.
+        Workers already forked keep their inherited copy. With the last
+        registration, the object's shared-memory export goes too, and workers
+        that fetched it drop their copy before their next task.
         """
-        self._finalizer()
+        if self._finalizer.detach() is not None:
+            registry().release(self._ref, explicit=True)
         self._obj = None
 
     def __enter__(self) -> Shared[T]:
@@ -150,13 +154,18 @@ def share(obj: T) -> Shared[T]:
     one registry entry.
 
     Workers see ``obj`` as it was when they were forked (copy-on-write). A
-    worker that did not inherit it (forked before the share, started by spawn
-    or forkserver) gets it through shared memory: the sharing process pickles
-    it once (protocol 5, zero-copy buffers) and each such worker maps it
-    read-only. Where neither works (the object cannot be pickled, the sharing
-    process is gone, the reference is forged or foreign) the worker gets a
-    placeholder that raises :class:`forkref.NotInheritedError` on first use, so
-    the task fails with a clear message and the pool lives.
+    worker forked *before* this call resolves it too, without pickling, when
+    ``obj`` was already alive at its fork and could be weakly referenced:
+    forkref records, at every fork, weak references to the objects the
+    forking thread's variables and module globals hold. A worker that holds
+    no copy (spawn or forkserver, or forked before ``obj`` existed) gets it
+    through shared memory: the sharing process pickles it once (protocol 5,
+    zero-copy buffers) and each such worker maps it read-only. Where neither
+    works (the object cannot be pickled, the sharing process is gone, the
+    reference is forged or foreign) the worker gets a placeholder that raises
+    :class:`forkref.NotInheritedError` (or
+    :class:`forkref.SharedMemoryFullError` when the segment directory is full)
+    on first use, so the task fails with a clear message and the pool lives.
     """
     if isinstance(obj, Shared):
         return obj
@@ -170,20 +179,22 @@ class Unavailable:
     """Stands in for a shared object that this process cannot resolve.
 
     Any use (attribute, operator, call, iteration, pickling) raises the
-    :class:`~forkref.NotInheritedError` saying why; ``repr`` alone is safe so
-    that error reports that print arguments still work.
+    error saying why (:class:`~forkref.NotInheritedError`, or a
+    :class:`~forkref.SharedMemoryError` when shared memory failed for want of
+    room or descriptors); ``repr`` alone is safe so that error reports that
+    print arguments still work.
     """
 
     __slots__ = (_UNAVAILABLE_ERROR,)
 
-    def __init__(self, error: NotInheritedError) -> None:
+    def __init__(self, error: Error) -> None:
         object.__setattr__(self, _UNAVAILABLE_ERROR, error)
 
     def _forkref_raise(self) -> NoReturn:
         # A fresh exception per use: re-raising the stored one would pile up
         # tracebacks from every use on a single object.
         error = object.__getattribute__(self, _UNAVAILABLE_ERROR)
-        raise NotInheritedError(*error.args) from None
+        raise type(error)(*error.args) from None
 
     def __getattribute__(self, name: str) -> Any:
         if name == "__class__":
@@ -230,11 +241,11 @@ def _resolve(ref: Reference) -> object:
         try:  # not inherited: the sharing process exports it through shared memory
             return _export.fetch(ref, err)
         except Exception as fetch_err:
-            return Unavailable(fetch_err if isinstance(fetch_err, NotInheritedError) else err)
+            return Unavailable(fetch_err if isinstance(fetch_err, Error) else err)
     except Exception as err:  # a mangled token must not kill a stdlib worker
         return Unavailable(
             NotInheritedError(
                 f"cannot resolve a forkref reference in this process: it is malformed ({err!r}). "
-                "Pass the handle returned by forkref.share() unmodified"
+                "Pass the handle returned by forkref.share() unmodified."
             )
         )

@@ -194,7 +194,14 @@ def write_at(fd: int, offset: int, data: memoryview | bytes, what: str) -> None:
 
 
 def map_readonly(fd: int, size: int) -> mmap.mmap:
-    """Map ``size`` bytes of a segment read-only: no write can reach the segment."""
+    """Map ``size`` bytes of a segment read-only: no write can reach the segment.
+
+    Before Python 3.13 the mapping keeps a duplicate of ``fd`` open until it
+    is unmapped (``trackfd=False`` exists only from 3.13, gh-78502); from
+    3.13 it keeps none. Either way the caller closes ``fd`` itself.
+    """
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, trackfd=False)
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
 
 
