@@ -42,6 +42,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from forkref import _export
 from forkref._errors import BrokenPoolError, WorkerDiedError
 from forkref._forking import DETACHED, mark_dispatcher, wait_os_thread_gone
 from forkref._generations import Generation, stop_worker
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = ["Dispatcher"]
 
 _DEATH_GRACE = 1.0  # seconds to wait for an exit status after a worker's channel ended
+_EXPORT_LISTENER = "export listener"  # marks the export socket among the watched fds
 
 
 class Dispatcher:
@@ -248,6 +250,9 @@ class Dispatcher:
     def _update_poller(self) -> int:
         """Register the fds to watch (only when they changed); return the poll timeout in ms."""
         watched: dict[int, Any] = {self._wake_r: None}
+        listener = _export.listener_fd()
+        if listener is not None:  # a worker that did not inherit an object may knock
+            watched[listener] = _EXPORT_LISTENER
         pending_death = False
         launcher = self._engine.launcher
         for gen in self._engine.generations.all:
@@ -273,6 +278,8 @@ class Dispatcher:
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 4096)
             self._woken = False  # after the read: see wake()
+        elif target is _EXPORT_LISTENER:
+            _export.serve_pending()  # the export thread accepts it, and serves from now on
         elif isinstance(target, Worker):
             if target.live() and fd == target.channel.fd:
                 self._on_worker_readable(target, completions)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
-from forkref import _export
+from forkref import _export, _forkrecord
 from forkref._autoshare import estimate_size
 from forkref._errors import NotInheritedError
 from forkref._launcher import Launcher
@@ -126,11 +126,12 @@ def _own_rss() -> int:
 class Generation:
     """One generation: its number, the registry serial it started at, its workers."""
 
-    __slots__ = ("number", "retiring", "serial", "server", "workers")
+    __slots__ = ("fork_seq", "number", "retiring", "serial", "server", "workers")
 
     def __init__(self, number: int, serial: int) -> None:
         self.number = number
         self.serial = serial
+        self.fork_seq = 0  # _forkrecord.last_fork() right after its fork (0: none)
         self.workers: list[Worker] = []
         self.retiring = False
         self.server: Any = None  # the launcher's record of its fork server, if any
@@ -172,6 +173,8 @@ class Generations:
         """
         gen = Generation(self._numbers + 1, registry().last_serial())
         self.launcher.start_generation(gen)
+        if self.launcher.inherits:  # forked from this thread: objects it recorded are inherited
+            gen.fork_seq = _forkrecord.last_fork()
         self._numbers += 1
         return gen
 
@@ -215,12 +218,13 @@ class Generations:
 
     def _late_needs_fork(self, ref: Reference, current: Generation, rss: list[int]) -> bool:
         if ref in self._via_shm:
-            _export.ensure_serving(ref)  # cheap; restarts a dead export thread
+            _export.ensure_serving(ref, start=False)  # cheap; the dispatcher starts the thread
             return False
         reg = registry()
         try:
             registered = reg.serial(ref)
-            if registered <= current.serial:
+            # Registered before the fork, or alive (fork record) at it.
+            if reg.inherited(ref, current.serial, current.fork_seq):
                 return False
             obj = reg.lookup(ref)
         except NotInheritedError:
@@ -238,8 +242,9 @@ class Generations:
         )
         if route is Route.NEW_GENERATION:
             return True
-        # The current workers fetch it from this process through shared memory.
-        _export.ensure_serving(ref)
+        # The current workers fetch it from this process through shared memory;
+        # the dispatcher starts the export thread when the first one asks.
+        _export.ensure_serving(ref, start=False)
         self._via_shm.add(ref)
         return False
 

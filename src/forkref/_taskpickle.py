@@ -61,6 +61,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from forkref import _export
 from forkref._autoshare import AutoSharer, ByReference
 from forkref._errors import TaskPicklingError
 from forkref._registry import Reference, collect_references
@@ -159,7 +160,7 @@ class TaskEncoder:
         Raises:
             TaskPicklingError: the function cannot be pickled; says why and the fix.
         """
-        with collect_references() as refs:
+        with collect_references() as refs, self._deferred():
             try:
                 blob = self._dumps(fn)
             except Exception as err:
@@ -174,7 +175,7 @@ class TaskEncoder:
         """
         sink = _Sink(None)
         try:
-            with self.sharer.quiet():
+            with self.sharer.quiet(), self._deferred():
                 _TaskPickler(sink, self).dump((kind, self._walk_data(kind, data, offset)))
         except Exception as err:
             raise self._explain(kind, fn, data, err, offset) from err
@@ -185,8 +186,14 @@ class TaskEncoder:
     @contextlib.contextmanager
     def batch(self) -> Iterator[TaskBatch]:
         """Encode several tasks with one pickler; ``batch.refs`` collects their references."""
-        with collect_references() as refs:
+        with collect_references() as refs, self._deferred():
             yield TaskBatch(self, refs)
+
+    def _deferred(self) -> contextlib.AbstractContextManager[None]:
+        # Forked workers inherit what their tasks use: handles pickled for them
+        # only open the export socket, and the dispatcher starts the export
+        # thread if a worker ever knocks (no thread to pause at each fork).
+        return _export.deferred() if self.fork else contextlib.nullcontext()
 
     def _dumps(self, obj: object) -> bytes:
         buf = io.BytesIO()

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from forkref import _export
 from forkref._errors import Error, ResultPicklingError
 from forkref._taskpickle import CALL, MAP
 from forkref._wire import (
@@ -96,6 +97,9 @@ def worker_loop(fd: int, setup: WorkerSetup) -> None:
         if op == FN:
             functions.add(ident, bytes(message[HDR.size :]))
             continue
+        # Between tasks: let go of shared-memory copies the parent released
+        # (one word read when nothing changed).
+        _export.before_task()
         reply_op, body = _run_task(functions, memoryview(message)[HDR.size :], setup)
         del message
         send(fd, HDR.pack(ident, reply_op), body)

@@ -34,6 +34,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from forkref import _forkrecord
 from forkref._forking import fork_child
 from forkref._launcher import (
     Channel,
@@ -251,6 +252,9 @@ def zygote_main(ctrl: int, setup: WorkerSetup) -> None:
         sys.stdin.close()
         sys.stdin = open(os.devnull)  # noqa: SIM115  (as multiprocessing does in its children)
     sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    # Its workers inherit the fork record the parent made for this generation;
+    # nothing the zygote holds is ever shared, so its own forks record nothing.
+    _forkrecord.set_enabled(False)
     prctl = _load_prctl()
     me = os.getpid()
     children: set[int] = set()
@@ -319,6 +323,7 @@ def _worker_child(fd: int, ctrl: int, zygote: tuple[int, Any, Any], setup: Worke
     zygote_pid, sigint, prctl = zygote
     try:
         os.close(ctrl)
+        _forkrecord.set_enabled(True)  # a pool made in a task records its own forks
         OWN_FDS.add(fd)  # a pool made in this worker closes it in its own zygote
         _set_pdeathsig(prctl, zygote_pid)
         signal.signal(signal.SIGINT, sigint)
