@@ -81,6 +81,7 @@ bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/bench_pools.py | tee benchmarks/results/pools.txt
 	$(PY) benchmarks/bench_shm.py | tee benchmarks/results/shm.txt
 	$(PY) benchmarks/bench_cow.py --json benchmarks/results/cow.json | tee benchmarks/results/cow.txt
+	$(PY) benchmarks/bench_share_anywhere.py --json benchmarks/results/share_anywhere.json | tee benchmarks/results/share_anywhere.txt
 
 clean:
 	rm -rf .venv .venv-* build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
