@@ -25,15 +25,21 @@ How data flows (``backend="ray"``; the actor side is :mod:`forkref._ray_worker`)
   is released; an actor receives the ObjectRef (top-level, so Ray resolves
   it zero-copy) with the first task that needs it and keeps the object
   while the driver keeps the ObjectRef.
-* **Batches.** A channel keeps at most :data:`_CALLS_IN_FLIGHT` calls in
-  flight per actor; tasks sent meanwhile wait and leave together in the
-  next call. Quick tasks thus travel many to a call (Ray's cost is about
-  0.2-0.4 ms per call here, 0.01 ms per task in a batch of 32), while a
-  slow task still leaves at once.
-* **Loss.** An actor that dies (its process, or its node) fails its calls
-  with ``RayActorError``; the channel reports the replies it got, then
-  the end of the channel, and :meth:`RayChannel.exit_text` says what was
-  lost. Tasks of the batch that was running are failed, never re-run.
+* **Batches.** A channel has one call in flight per actor; tasks sent
+  meanwhile wait and leave together in the next call. Quick tasks thus
+  travel many to a call (Ray's cost is about 0.2-0.4 ms per call here,
+  0.01 ms per task in a batch of 32), while a task sent to an idle actor
+  leaves at once.
+* **Loss.** An actor that dies (its process, or its node) fails its call
+  with ``RayActorError``; every task of that call gets a
+  :class:`~forkref.WorkerDiedError` reply (they may have run: they are
+  never run twice), then the channel ends, and
+  :meth:`RayChannel.exit_text` says what was lost. Tasks still waiting in
+  the channel never reached Ray: the engine sends them elsewhere. One call
+  at a time is what makes this exact: with a second call queued on the
+  actor, Ray reports both failed when the actor dies right after the first
+  returned (its reply still in flight), and the call that killed it could
+  not be told from one that never started.
 
 Non-goals: no Ray task retries or actor restarts (a lost task is an error,
 as in the local pools); no Ray Client (``ray://``) specifics; objects in the
@@ -74,7 +80,7 @@ __all__ = [
 ]
 
 INSTALL = "pip install 'forkref[ray]'"
-_CALLS_IN_FLIGHT = 2  # per actor: one running, one queued behind it, so it never idles
+_CALLS_IN_FLIGHT = 1  # per actor: see "Loss" above
 
 
 def import_ray() -> types.ModuleType:
@@ -380,7 +386,7 @@ class RayChannel:
     # -- dispatcher side --------------------------------------------------------------
 
     def send(self, task: SentTask) -> None:
-        """Queue ``task``; it leaves now if fewer than two calls are in flight.
+        """Queue ``task``; it leaves now if the actor has no call in flight.
 
         Raises:
             OSError: the actor is gone (its end is being reported).
