@@ -74,10 +74,10 @@ from forkref._launcher import (
     exit_text,
     main_guard_message,
 )
-from forkref._memory import MemoryReport, memory_report
+from forkref._memory import MemoryReport
 from forkref._registry import Reference
 from forkref._scheduler import Cancelled, Completion, Scheduler, Task
-from forkref._taskpickle import FnBlob, TaskEncoder
+from forkref._taskpickle import FnBlob
 from forkref._wire import OK
 from forkref._worker import WorkerSetup
 from forkref._zygote import ZygoteLauncher
@@ -125,9 +125,9 @@ class Engine:
             initializer, tuple(initargs), max_tasks, self.start_method, executor_semantics
         )
         self.launcher = launcher or _local_launcher(self.context, self.setup)
-        inherits = self.launcher.inherits
-        self.sharer = AutoSharer(share_threshold, auto_share, by_reference=inherits)
-        self.encoder = TaskEncoder(self.sharer, inherits, self.start_method)
+        by_reference = self.launcher.carries_references
+        self.sharer = AutoSharer(share_threshold, auto_share, by_reference=by_reference)
+        self.encoder = self.launcher.encoder(self.sharer)
         self.lock = threading.Lock()
         self.scheduler = Scheduler(self._encode_late)
         self.generations = Generations(self.launcher, processes)
@@ -538,7 +538,7 @@ class Engine:
         roles = {os.getpid(): "parent"}
         roles.update(dict.fromkeys(self.zygote_pids(), "fork server"))
         roles.update(dict.fromkeys(self.pids(), "worker"))
-        return memory_report(roles)
+        return self.launcher.memory(roles)
 
     @property
     def generation(self) -> int:

@@ -91,6 +91,8 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             one is forked from the generation's snapshot (works with fork).
         share_threshold: see :class:`forkref.Pool` (default 1 MiB; ``None``: off).
         auto_share: see :class:`forkref.Pool`.
+        backend: ``"local"`` or ``"ray"``; see :class:`forkref.Pool`.
+        address: the Ray cluster for ``backend="ray"``; see :class:`forkref.Pool`.
     """
 
     __module__ = "forkref"
@@ -105,6 +107,8 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
         share_threshold: int | None = DEFAULT_THRESHOLD,
         auto_share: bool = False,
+        backend: str = "local",
+        address: str | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -125,6 +129,8 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             executor_semantics=True,
             share_threshold=share_threshold,
             auto_share=auto_share,
+            backend=backend,
+            address=address,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False

@@ -46,8 +46,11 @@ from forkref._wire import send_buffer as _send_buffer
 from forkref._worker import WorkerSetup, spawned_worker_main
 
 if TYPE_CHECKING:
+    from forkref._autoshare import AutoSharer
     from forkref._generations import Generation
+    from forkref._memory import MemoryReport
     from forkref._scheduler import Task
+    from forkref._taskpickle import TaskEncoder
 
 __all__ = [
     "MAIN_GUARD_EXIT",
@@ -220,6 +223,28 @@ class Launcher(abc.ABC):
     name: str
     inherits: bool
     start_method: str
+
+    @property
+    def carries_references(self) -> bool:
+        """Whether references reach these workers without a pickle of the object per task.
+
+        True when they inherit it, or when the launcher has its own transport
+        for shared objects (an object store): then big arguments go by
+        reference. False: they are pickled with every task, as the stdlib does.
+        """
+        return self.inherits
+
+    def encoder(self, sharer: AutoSharer) -> TaskEncoder:
+        """The task pickler for these workers."""
+        from forkref._taskpickle import TaskEncoder
+
+        return TaskEncoder(sharer, self.inherits, self.start_method)
+
+    def memory(self, roles: dict[int, str]) -> MemoryReport:
+        """Memory of the processes in ``roles`` (pid -> role), plus what the launcher adds."""
+        from forkref._memory import memory_report
+
+        return memory_report(roles)
 
     @abc.abstractmethod
     def start_generation(self, gen: Generation) -> None:

@@ -341,6 +341,13 @@ class Pool(PoolBase):
         auto_share: send big *mutable* arguments (numpy arrays, DataFrames,
             lists, dicts) by reference too; workers then see them as they
             were when the workers forked (snapshot semantics).
+        backend: ``"local"`` (processes on this machine) or ``"ray"``: the
+            workers are Ray actors and shared objects go through Ray's
+            object store, once per pool (``pip install 'forkref[ray]'``).
+        address: with ``backend="ray"``, the Ray cluster to connect to
+            (``"10.0.0.5:6379"``, ``"ray://..."``). Default: the Ray already
+            initialised in this process, else ``RAY_ADDRESS``, else a local
+            Ray instance started for the pool and shut down at its close.
 
     Mutation semantics: a worker sees every shared object (explicit handles
     and automatic ones) as it was when that worker's generation forked.
@@ -358,6 +365,8 @@ class Pool(PoolBase):
         *,
         share_threshold: int | None = DEFAULT_THRESHOLD,
         auto_share: bool = False,
+        backend: str = "local",
+        address: str | None = None,
     ) -> None:
         if processes is None:
             processes = os.cpu_count() or 1
@@ -377,6 +386,8 @@ class Pool(PoolBase):
             executor_semantics=False,
             share_threshold=share_threshold,
             auto_share=auto_share,
+            backend=backend,
+            address=address,
         )
         self._state = "RUN"
         self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()

@@ -16,8 +16,10 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from forkref._engine import Engine
+from forkref._launcher import Launcher
 from forkref._memory import MemoryReport
 from forkref._progress import Progress, ProgressOption, fork_guard
+from forkref._worker import WorkerSetup
 
 __all__ = ["DEFAULT_THRESHOLD", "PoolBase"]
 
@@ -42,20 +44,29 @@ class PoolBase:
         executor_semantics: bool,
         share_threshold: int | None,
         auto_share: bool,
+        backend: str = "local",
+        address: str | None = None,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if share_threshold is not None and share_threshold < 0:
             raise ValueError("share_threshold must be a number of bytes >= 0, or None")
+        initargs = tuple(initargs)
         self._engine = Engine(
             processes,
             context,
             initializer=initializer,
-            initargs=tuple(initargs),
+            initargs=initargs,
             max_tasks=max_tasks,
             executor_semantics=executor_semantics,
             share_threshold=share_threshold,
             auto_share=auto_share,
+            launcher=_launcher(
+                backend,
+                address,
+                processes,
+                WorkerSetup(initializer, initargs, max_tasks, "ray", executor_semantics),
+            ),
         )
 
     @staticmethod
@@ -126,3 +137,18 @@ class EngineLifetime:
 
     def close(self) -> None:
         """Nothing to do: the engine closes itself once shut down."""
+
+
+def _launcher(
+    backend: str, address: str | None, processes: int, setup: WorkerSetup
+) -> Launcher | None:
+    """The launcher of a non-local backend; None: the engine picks the local one."""
+    if backend == "local":
+        if address is not None:
+            raise ValueError("address= is for backend='ray'; the local backend runs here")
+        return None
+    if backend != "ray":
+        raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
+    from forkref._ray import RayLauncher
+
+    return RayLauncher(processes, setup, address=address)

@@ -148,6 +148,9 @@ class _TaskPickler(pickle.Pickler):
 class TaskEncoder:
     """Pickles tasks for one pool, applying its by-reference policy."""
 
+    #: The pickler class (a launcher's encoder may use another, e.g. cloudpickle's).
+    pickler_class: Callable[[Any, TaskEncoder], pickle.Pickler] = _TaskPickler
+
     def __init__(self, sharer: AutoSharer, fork: bool, start_method: str) -> None:
         self.sharer = sharer
         #: Workers are forked from this process: callables can go by reference.
@@ -176,7 +179,7 @@ class TaskEncoder:
         sink = _Sink(None)
         try:
             with self.sharer.quiet(), self._deferred():
-                _TaskPickler(sink, self).dump((kind, self._walk_data(kind, data, offset)))
+                self.pickler_class(sink, self).dump((kind, self._walk_data(kind, data, offset)))
         except Exception as err:
             raise self._explain(kind, fn, data, err, offset) from err
         payload = sink.value()
@@ -197,7 +200,7 @@ class TaskEncoder:
 
     def _dumps(self, obj: object) -> bytes:
         buf = io.BytesIO()
-        _TaskPickler(buf, self).dump(obj)
+        self.pickler_class(buf, self).dump(obj)
         return buf.getvalue()
 
     # -- the walk over arguments ---------------------------------------------
@@ -404,7 +407,7 @@ class TaskBatch:
         #: References carried by the tasks encoded so far (appended by the pickling).
         self.refs = refs
         self._sink = _Sink(INLINE_LIMIT)
-        self._pickler = _TaskPickler(self._sink, encoder)
+        self._pickler = encoder.pickler_class(self._sink, encoder)
 
     def encode(self, kind: int, fn: Any, data: Any, offset: int = 0) -> tuple[bytes | None, int]:
         """Pickle one task's data: ``(payload, size)``, payload None when over INLINE_LIMIT.
@@ -419,7 +422,8 @@ class TaskBatch:
         try:
             self._pickler.dump((kind, walked))
         except Exception as err:
-            self._pickler = _TaskPickler(self._sink, self._encoder)  # its state is undefined now
+            # The pickler's state is undefined after an error: a fresh one.
+            self._pickler = self._encoder.pickler_class(self._sink, self._encoder)
             raise self._encoder._explain(kind, fn, data, err, offset) from err
         return self._sink.value(), self._sink.size
 
