@@ -51,21 +51,27 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import io
 import os
 import pickle
 import threading
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from forkref._autoshare import AutoSharer
 from forkref._errors import Error, NotInheritedError, TaskPicklingError, WorkerDiedError
-from forkref._memory import MemoryReport, ProcessMemory
-from forkref._registry import Reference, collect_references, registry
-from forkref._taskpickle import TaskBatch, TaskEncoder
-from forkref._wire import ERR, HDR, INIT_FAILED, OWN_FDS, RETIRE, close_fd
+from forkref._launcher import Channel, Launcher, LaunchError
+from forkref._memory import MemoryReport, ProcessMemory, memory_report
+from forkref._ray_worker import MAX_FUNCTIONS
+from forkref._registry import Reference, registry
+from forkref._taskpickle import FnBlob, TaskEncoder
+from forkref._wire import ERR, HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
+from forkref._worker import WorkerSetup
+
+if TYPE_CHECKING:
+    from forkref._generations import Generation
+    from forkref._scheduler import Task
 
 __all__ = [
     "INSTALL",
@@ -182,6 +188,7 @@ class RayTaskEncoder(TaskEncoder):
 
     def __init__(self, sharer: AutoSharer) -> None:
         super().__init__(sharer, fork=False, start_method="ray")
+        self.pickler_class = _pickler_class()
 
     def _explain(
         self, kind: int, fn: Any, data: Any, err: Exception, offset: int
@@ -195,30 +202,18 @@ class RayTaskEncoder(TaskEncoder):
             "it in the worker (an initializer, or inside the task)"
         )
 
-    def _dumps(self, obj: object) -> bytes:
-        buf = io.BytesIO()
-        _pickler_class()(buf, self).dump(obj)
-        return buf.getvalue()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[TaskBatch]:
-        with collect_references() as refs:
-            batch = TaskBatch(self, refs)
-            batch._pickler = _pickler_class()(batch._buf, self)
-            yield batch
+_PICKLER: Any = None
 
 
-_PICKLER: type | None = None
-
-
-def _pickler_class() -> type:
+def _pickler_class() -> Any:
     """The cloudpickle-based task pickler (made once: it subclasses Ray's cloudpickle)."""
     global _PICKLER
     if _PICKLER is None:
         from ray import cloudpickle
 
         class RayTaskPickler(cloudpickle.Pickler):  # type: ignore[misc]
-            def __init__(self, file: io.BytesIO, encoder: TaskEncoder) -> None:
+            def __init__(self, file: Any, encoder: TaskEncoder) -> None:
                 super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
                 self._encoder = encoder
 
@@ -327,10 +322,12 @@ class ObjectTable:
 # -- one actor as the dispatcher sees it --------------------------------------------------
 
 
-class SentTask(Protocol):
-    """What a channel needs of a task: its id, its pickled form and the References it carries."""
+@dataclass
+class _Sent:
+    """A task as it leaves: what the scheduler's Task holds at ``send`` (it may drop the pickle)."""
 
     id: int
+    fn: FnBlob
     payload: bytes
     refs: list[Reference]
 
@@ -346,134 +343,157 @@ class _Call:
     error: BaseException | None = None
 
 
-class RayChannel:
+class RayChannel(Channel):
     """One Ray actor behind the engine's worker interface.
 
-    ``fd`` becomes readable when a call completes (a byte on a pipe, written
-    by Ray's completion callback); :meth:`read` then returns the replies in
-    the order the tasks were sent, and raises ``EOFError`` once the actor is
-    gone and every reply was read. When the actor is lost, every task of the
-    call it was running gets a :class:`~forkref.WorkerDiedError` reply (they
-    may have run: they are never run twice); tasks of later calls never
-    started and are left to the engine, which sends them elsewhere.
+    ``fd`` becomes readable when the actor has answered (a byte on a pipe,
+    written by Ray's completion callback); :meth:`read` returns READY (or
+    INIT_FAILED) first, then the replies in the order the tasks were sent,
+    and raises ``EOFError`` once the actor is gone and everything was read.
+
+    When the actor is lost, every task of the call it was running fails with
+    :class:`~forkref.WorkerDiedError` (they may have run: none is run twice)
+    but the last, which the engine fails itself as the task the worker was
+    running when its channel ended; the tasks still waiting here never
+    reached Ray, and the engine sends them to another worker.
     """
 
     def __init__(self, launcher: RayLauncher, wid: int, actor: Any) -> None:
         self.wid = wid
-        self.pid: int | None = None
+        self.pid = None
         self.node_id: str | None = None
         self.node_ip: str | None = None
+        self.prefetch_max = 64 << 20  # Ray queues what is sent; the depth limits it
         self._actor = actor
         self._actor_id = _actor_hex(actor)
         self._ray = launcher.ray
         self._objects = launcher.objects
-        self.fd, self._wake_w = os.pipe()
-        os.set_blocking(self.fd, False)
+        self._local_node = launcher.local_node
+        read_end, self._wake_w = os.pipe()
+        self.fd = read_end
+        os.set_blocking(read_end, False)
         os.set_blocking(self._wake_w, False)  # a full pipe already says "wake up"
-        OWN_FDS.update((self.fd, self._wake_w))
-        self._outbox: list[SentTask] = []
+        OWN_FDS.update((read_end, self._wake_w))
+        # Ray's callbacks write to the pipe: never to a closed (and maybe reused) fd number.
+        self._pipe_lock = threading.Lock()
+        self._outbox: list[_Sent] = []
         self._calls: collections.deque[_Call] = collections.deque()
+        self._functions: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._sent: set[Reference] = set()  # References whose object this actor holds
         self._forgotten = 0  # how much of ObjectTable.dropped this actor was told
+        self._started: Any = None  # where()'s answer, or the error that ended the actor
+        self._ready = False
         self._lost = False
         self._ended = False
         self._stopping = False
+        self._terminating = False
         self._exit = ""
-        # Ray's callbacks write to the pipe: never to a closed (and maybe reused) fd number.
-        self._pipe_lock = threading.Lock()
         actor.where.remote()._on_completed(self._on_where)
 
-    # -- dispatcher side --------------------------------------------------------------
+    # -- the engine's side (dispatcher thread) -------------------------------------------
 
-    def send(self, task: SentTask) -> None:
-        """Queue ``task``; it leaves now if the actor has no call in flight.
+    def send(self, task: Task) -> None:
+        """Queue ``task``; it leaves at once if the actor has no call in flight.
 
         Raises:
             OSError: the actor is gone (its end is being reported).
         """
         if self._lost or self._ended:
             raise BrokenPipeError(f"{self.describe()} is gone")
-        self._outbox.append(task)
+        assert task.payload is not None
+        self._outbox.append(_Sent(task.id, task.fn, task.payload, list(task.refs)))
         if len(self._calls) < _CALLS_IN_FLIGHT:
             self._flush()
 
-    def read(self) -> list[bytes]:
-        """Replies of completed calls, in send order.
+    def read(self) -> list[bytearray]:
+        """READY first, then replies of completed calls in send order.
 
         Raises:
             EOFError: the actor is gone and everything it replied was read.
         """
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.fd, 4096)
-        replies: list[bytes] = []
-        while self._calls and self._calls[0].done and not self._lost:
+        with contextlib.suppress(OSError):
+            os.read(self.fd or -1, 4096)
+        replies = self._started_replies()
+        while self._ready and self._calls and self._calls[0].done and not self._lost:
             call = self._calls.popleft()
             if call.error is None:
                 replies += self._in_order(call)
             else:
-                replies += self._batch_lost(call)
-        if self._outbox and len(self._calls) < _CALLS_IN_FLIGHT and not self._lost:
+                replies += self._call_lost(call)
+        if self._outbox and len(self._calls) < _CALLS_IN_FLIGHT and self._alive():
             self._flush()
+        self._terminate_when_idle()
         if replies:
-            return replies
+            return [bytearray(r) for r in replies]
         if self._lost or self._ended:
             raise EOFError
-        return replies
+        return []
 
     def stop(self) -> None:
         """No more tasks: the actor ends once the calls it holds are done."""
         if self._stopping:
             return
         self._stopping = True
-        if not self._lost and not self._ended and self._actor is not None:
-            # Runs after the calls already queued on the actor (Ray keeps their order).
-            self._actor.__ray_terminate__.remote()._on_completed(self._on_terminated)
+        self._terminate_when_idle()
 
     def kill(self) -> None:
-        """End the actor now; its calls fail (``ray.kill``)."""
+        """End the actor now (``ray.kill``); its calls fail."""
         self._stopping = True
         if self._actor is not None:
             with contextlib.suppress(Exception):
                 self._ray.kill(self._actor, no_restart=True)
 
+    def describe_exit(self, status: int | None) -> str:
+        """How the actor ended: ``Ray actor 3f2a... on node 10.0.0.5 (9c1e...) lost: ...``."""
+        return self._exit or f"{self.describe()} ended"
+
     def close(self) -> None:
         """Release the pipe and the actor handle. Idempotent."""
         with self._pipe_lock:
             for fd in (self.fd, self._wake_w):
-                OWN_FDS.discard(fd)
                 close_fd(fd)
-            self.fd = self._wake_w = -1
+            self.fd = None
+            self._wake_w = -1
         self._actor = None
 
-    def exit_text(self) -> str:
-        """How the actor ended: ``"Ray actor 3f2a... on node 10.0.0.5 (9c1e...) lost: ..."``."""
-        return self._exit or f"{self.describe()} ended"
-
     def describe(self) -> str:
-        """``Ray actor <id> on node <ip> (<node id>)``, with what is known so far."""
+        """``Ray actor <id> on node <address> (<node id>)``, with what is known so far."""
         where = f" on node {self.node_ip} ({(self.node_id or '?')[:12]})" if self.node_ip else ""
         return f"Ray actor {self._actor_id[:12]}{where}"
 
-    # -- the call ----------------------------------------------------------------------
+    # -- calls ----------------------------------------------------------------------------
+
+    def _alive(self) -> bool:
+        return not (self._lost or self._ended)
+
+    def _terminate_when_idle(self) -> None:
+        """Once stopping and nothing is left to run, end the actor (gracefully)."""
+        if not self._stopping or self._calls or self._outbox or self._terminating:
+            return
+        if self._alive() and self._actor is not None:
+            self._terminating = True
+            self._actor.__ray_terminate__.remote()._on_completed(self._on_terminated)
 
     def _flush(self) -> None:
         tasks, self._outbox = self._outbox, []
         call = _Call([t.id for t in tasks])
+        fns: list[tuple[int, bytes]] = []
         refs: list[Reference] = []
         objects: list[Any] = []
-        sent = []
+        calls = []
         for task in tasks:
             try:
                 self._carry(task.refs, refs, objects)
             except TaskPicklingError as err:
                 call.answered[task.id] = _error_frame(task.id, err)
                 continue
-            sent.append((task.id, task.payload))
+            self._carry_function(task.fn, fns)
+            calls.append((task.id, task.fn.id, task.payload))
         self._calls.append(call)
-        if not sent:
+        if not calls:
             self._on_call_done(call, [])
             return
-        future = self._actor.run.remote(sent, refs, self._to_forget(), *objects)
+        future = self._actor.run.remote(fns, calls, refs, self._to_forget(), *objects)
         future._on_completed(functools.partial(self._on_call_done, call))
 
     def _carry(
@@ -490,6 +510,15 @@ class RayChannel:
             refs.append(ref)
             self._sent.add(ref)
 
+    def _carry_function(self, fn: FnBlob, fns: list[tuple[int, bytes]]) -> None:
+        """Send the function once per actor; evict as the actor does (same count, same order)."""
+        if fn.id in self._functions:
+            return
+        fns.append((fn.id, fn.blob))
+        self._functions[fn.id] = None
+        if len(self._functions) > MAX_FUNCTIONS:
+            self._functions.popitem(last=False)
+
     def _to_forget(self) -> list[Reference]:
         dropped = self._objects.dropped
         forget = [r for r in dropped[self._forgotten :] if r in self._sent]
@@ -497,40 +526,60 @@ class RayChannel:
         self._sent.difference_update(forget)
         return forget
 
+    # -- replies --------------------------------------------------------------------------
+
+    def _started_replies(self) -> list[bytes]:
+        """READY or INIT_FAILED once the actor has answered ``where()``; or its loss."""
+        started = self._started
+        if self._ready or started is None:
+            return []
+        if isinstance(started, BaseException):
+            self._lost = True
+            self._exit = f"{self.describe()} could not start: {_death_text(started)}"
+            return []
+        node_id, self.node_ip, pid, init_error = started
+        self.node_id = node_id
+        if node_id == self._local_node:  # a pid means something here only on this node
+            self.pid = pid
+        self._ready = True
+        if init_error is not None:
+            return [HDR.pack(0, INIT_FAILED) + init_error.encode()]
+        return [HDR.pack(0, READY)]
+
     def _in_order(self, call: _Call) -> list[bytes]:
         by_id = dict(call.answered)
+        control = []
         for reply in call.replies:
             task_id, op = HDR.unpack_from(reply)
-            if op == INIT_FAILED:
-                self.kill()
-                return [reply]
             if op == RETIRE:  # max_tasks reached: the actor is done
+                control.append(reply)
                 self._retire()
             else:
                 by_id[task_id] = reply
-        return [by_id[t] for t in call.task_ids if t in by_id]
+        return [by_id[t] for t in call.task_ids if t in by_id] + control
 
-    def _batch_lost(self, call: _Call) -> list[bytes]:
+    def _call_lost(self, call: _Call) -> list[bytes]:
+        """The actor was lost while running ``call``: fail its tasks but the last (see class)."""
         self._lost = True
         self._exit = f"{self.describe()} lost: {_death_text(call.error)}"
         message = (
-            f"{self._exit}. The task's result is lost (it may have run). A crash in native "
-            "code, os._exit(), the OOM killer or the loss of the node does this; check the "
-            "task, or the node's logs"
+            f"{self._exit}. This task was in the batch of tasks it was running, so its result "
+            "is lost (it may have run). A crash in native code, os._exit(), the OOM killer or "
+            "the loss of the node does this; check the task, or the node's logs"
         )
         self._wake()  # the end of the channel is read next
         return [
             call.answered.get(t) or _error_frame(t, WorkerDiedError(message, self.pid))
-            for t in call.task_ids
+            for t in call.task_ids[:-1]
         ]
 
     def _retire(self) -> None:
         self.kill()
         self._ended = True
-        self._exit = f"{self.describe()} retired (maxtasksperchild reached)"
+        self._exit = f"{self.describe()} retired after maxtasksperchild tasks"
         self._wake()
 
-    # -- Ray's threads (completion callbacks): record, then wake the dispatcher --------
+    # -- Ray's threads (completion callbacks): record, then wake the dispatcher ----------
 
     def _on_call_done(self, call: _Call, value: Any) -> None:
         if isinstance(value, BaseException):
@@ -541,8 +590,8 @@ class RayChannel:
         self._wake()
 
     def _on_where(self, value: Any) -> None:
-        if not isinstance(value, BaseException):
-            self.node_id, self.node_ip, self.pid = value
+        self._started = value
+        self._wake()
 
     def _on_terminated(self, value: Any) -> None:
         self._ended = True
@@ -571,76 +620,128 @@ def _death_text(err: BaseException | None) -> str:
     text = str(err or "unknown cause")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("\t")]
     useful = [ln for ln in lines if not ln.startswith("The actor died unexpectedly before")]
-    return " ".join(useful or lines)[:400]
+    # Ray's own list of usual causes follows; forkref's message gives its own.
+    text = " ".join(useful or lines).split(" Some common causes include")[0]
+    return text[:300]
 
 
 # -- the launcher -----------------------------------------------------------------------------
 
 
-class RayLauncher:
-    """Starts a pool's workers as Ray actors (the engine's ``Launcher`` for ``backend="ray"``).
+class RayLauncher(Launcher):
+    """Starts a pool's workers as Ray actors: the engine's launcher for ``backend="ray"``.
 
-    Workers do not inherit the parent (``inherits = False``): every
-    reference a task carries travels through the object store instead.
+    Workers do not inherit the parent (``inherits = False``) but references
+    still travel (``carries_references``): every shared object a task refers
+    to goes through the object store, once per pool.
     """
 
     name = "ray"
     inherits = False
+    start_method = "ray"
 
     def __init__(
         self,
         processes: int,
-        setup: tuple[Callable[..., object] | None, tuple[Any, ...], int | None],
+        setup: WorkerSetup,
         *,
         address: str | None = None,
         init_options: Mapping[str, Any] | None = None,
         actor_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.session = RaySession(processes, address, init_options)
-        self.ray = self.session.ray
-        self.objects = ObjectTable(self.ray)
-        self._setup = setup
-        options: dict[str, Any] = {
+        self.ray = import_ray()  # at the pool's creation: a missing Ray is said at once
+        self.processes = processes
+        self.setup = setup
+        self.address = address
+        self.init_options = dict(init_options or {})
+        self.actor_options: dict[str, Any] = {
             "num_cpus": 1,
             "max_restarts": 0,
             "max_task_retries": 0,
             # One worker per node before two on one: a pool of N on a cluster spreads out.
             "scheduling_strategy": "SPREAD",
         }
-        options.update(actor_options or {})
-        from forkref._ray_worker import RayWorker
-
-        self._actor_class = self.ray.remote(RayWorker).options(**options)
+        self.actor_options.update(actor_options or {})
+        self.session: RaySession | None = None
+        self.objects = ObjectTable(self.ray)
+        self.local_node: str | None = None
+        self._actor_class: Any = None
         self.channels: list[RayChannel] = []
 
-    def launch(self, wid: int) -> RayChannel:
-        """Create one actor (asynchronously: Ray schedules it) and its channel."""
-        actor = self._actor_class.remote(self._setup)
+    @property
+    def carries_references(self) -> bool:
+        """References travel: through the object store."""
+        return True
+
+    def encoder(self, sharer: AutoSharer) -> TaskEncoder:
+        """The cloudpickle-based encoder (see :class:`RayTaskEncoder`)."""
+        return RayTaskEncoder(sharer)
+
+    def start_generation(self, gen: Generation) -> None:
+        """Connect to Ray (or start it), at the pool's first task; there is one generation.
+
+        Raises:
+            Error: Ray cannot be started or reached, or has fewer CPUs than workers.
+        """
+        if self.session is not None:
+            return
+        self.session = RaySession(self.processes, self.address, self.init_options)
+        ray = self.ray
+        cpus = ray.cluster_resources().get("CPU", 0)
+        need = self.processes * self.actor_options.get("num_cpus", 1)
+        if cpus < need:
+            self.session.close()
+            self.session = None
+            raise Error(
+                f"the Ray cluster has {cpus:g} CPUs and a backend='ray' pool of "
+                f"{self.processes} workers needs {need:g} (one per worker): its workers would "
+                "wait for ever. Use fewer processes, or add nodes to the cluster"
+            )
+        self.local_node = ray.get_runtime_context().get_node_id()
+        from forkref._ray_worker import RayWorker
+
+        self._actor_class = ray.remote(RayWorker).options(**self.actor_options)
+
+    def launch(self, gen: Generation, wid: int) -> Channel:
+        """Create one actor (Ray schedules it asynchronously) and its channel."""
+        try:
+            actor = self._actor_class.remote(self.setup)
+        except Exception as err:
+            raise LaunchError(
+                f"cannot create a Ray actor for a pool worker: {err!r}. The initializer and "
+                "its arguments must be serializable by Ray (cloudpickle)"
+            ) from err
         channel = RayChannel(self, wid, actor)
         self.channels.append(channel)
         return channel
 
-    def memory(self, timeout: float = 10.0) -> RayMemoryReport:
-        """Each actor's USS/PSS (measured in the actor) and each node's object-store use."""
-        ray = self.ray
-        live = [c for c in self.channels if c._actor is not None and not c._ended]
+    def memory(self, roles: dict[int, str]) -> RayMemoryReport:
+        """The parent (psutil here), each actor (measured in the actor), each node's store."""
+        parent = memory_report({os.getpid(): roles.get(os.getpid(), "parent")})
+        actors, missing = self._actor_memory()
+        stores, why = object_store_use(self.ray) if self.session else ((), "Ray is not started")
+        return RayMemoryReport(parent.processes + actors, parent.missing + missing, stores, why)
+
+    def _actor_memory(
+        self, timeout: float = 10.0
+    ) -> tuple[tuple[ProcessMemory, ...], tuple[int, ...]]:
+        live = [c for c in self.channels if c._actor is not None and c._alive()]
         futures = [c._actor.memory.remote() for c in live]
-        ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout)
+        ready, _ = self.ray.wait(futures, num_returns=len(futures), timeout=timeout)
         done = set(ready)
         processes, missing = [], []
         for channel, future in zip(live, futures, strict=True):
             try:
                 if future not in done:
                     raise TimeoutError
-                node, pid, rss, uss, pss, swap = ray.get(future)
+                node, pid, rss, uss, pss, swap = self.ray.get(future)
             except Exception:  # gone meanwhile, or too slow to answer
                 if channel.pid is not None:
                     missing.append(channel.pid)
                 continue
             role = f"ray worker@{channel.node_ip or str(node)[:12]}"
             processes.append(ProcessMemory(pid, role, rss, uss, pss, rss - uss, swap))
-        stores, why = object_store_use(ray)
-        return RayMemoryReport(tuple(processes), tuple(missing), stores, why)
+        return tuple(processes), tuple(missing)
 
     def close(self) -> None:
         """Kill what is left, drop the objects, shut Ray down if forkref started it. Idempotent."""
@@ -649,7 +750,8 @@ class RayLauncher:
             channel.close()
         self.channels.clear()
         self.objects.clear()
-        self.session.close()
+        if self.session is not None:
+            self.session.close()
 
 
 # -- memory --------------------------------------------------------------------------------

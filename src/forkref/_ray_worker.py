@@ -2,22 +2,29 @@
 
 How a call flows (the driver side is :mod:`forkref._ray`)::
 
-  driver: RayChannel                              Ray actor: RayWorker (this module)
-  ------------------                              ----------------------------------
-  tasks queued for this actor, sent as one call:
-  actor.run(calls, refs, forget, *objects) ------> Ray resolves each top-level ObjectRef in
-     calls:   [(task id, pickled task), ...]      `objects` to the object, zero-copy for
-     refs:    the References first sent here        numpy/pandas/arrow buffers (read-only)
-     objects: their ObjectRefs, one per ref         objects[ref] kept until `forget` names it
-                                                  each task is unpickled with its References
-                                                  resolved to objects[ref], then run
-  replies, one per task (HDR + body, as  <-------- [HDR(task id, OK/ERR) + pickled result or
-  forkref._wire frames them)                        (exception, traceback text)]
+  driver: RayChannel                                Ray actor: RayWorker (this module)
+  ------------------                                ----------------------------------
+  actor created with the pool's WorkerSetup ------> initializer(*initargs)
+  where() ----------------------------------------> (node, address, pid, initializer error)
+                                                    -> the channel's READY or INIT_FAILED
+  one call per batch of tasks:
+  run(fns, calls, refs, forget, *objects) --------> Ray resolves each top-level ObjectRef
+     fns:     [(fn id, pickled function)] new         in `objects` to the object, zero-copy
+              to this actor                           for numpy/pandas/arrow buffers
+     calls:   [(task id, fn id, pickled (kind,       (read-only); objects[ref] kept until
+              data))]                                 `forget` names it
+     refs:    the References first sent here        each task is unpickled with its
+     objects: their ObjectRefs, one per ref           References resolved to objects[ref]
+  replies, one per task (HDR + body, as <---------- [HDR(task id, OK/ERR) + pickled result
+  forkref._wire frames them), RETIRE at               or (exception, traceback text)]
+  max_tasks
 
 An object reaches an actor once: the driver passes its ObjectRef the first
 time a task sent to that actor refers to it, and only the Reference after
 that; resolving the same Reference twice in one actor gives the same object,
-as inheritance does in a forked worker.
+as inheritance does in a forked worker. Functions are kept as a local worker
+keeps them: by id, the same number of them, evicted in the same order as the
+driver's channel does.
 
 Non-goals: an actor never runs two calls at once (Ray's default for actors),
 never retries a task (the driver decides what a lost actor means), and never
@@ -32,16 +39,19 @@ import os
 import pickle
 import traceback
 import types
-from collections.abc import Callable
 from typing import Any
 
 from forkref._errors import Error, NotInheritedError, TaskPicklingError
 from forkref._handle import Unavailable
 from forkref._registry import Reference
 from forkref._taskpickle import CALL, MAP
-from forkref._wire import ERR, HDR, INIT_FAILED, OK, RETIRE
+from forkref._wire import ERR, HDR, OK, RETIRE
+from forkref._worker import WorkerSetup
 
-__all__ = ["RayWorker", "dumps_reply"]
+__all__ = ["MAX_FUNCTIONS", "RayWorker", "dumps_reply"]
+
+#: Functions an actor keeps; the driver's channel counts the same (see RayChannel).
+MAX_FUNCTIONS = 32
 
 
 class _Unpickler(pickle.Unpickler):
@@ -91,52 +101,51 @@ def dumps_reply(obj: object) -> bytes:
 
 
 class RayWorker:
-    """The actor class (``ray.remote`` is applied by :mod:`forkref._ray`, lazily).
+    """The actor class (``ray.remote`` is applied by :mod:`forkref._ray`, lazily)."""
 
-    ``setup`` is ``(initializer, initargs, max_tasks)``, as for a local worker.
-    """
-
-    def __init__(self, setup: tuple[Callable[..., object] | None, tuple[Any, ...], int | None]):
-        initializer, initargs, max_tasks = setup
+    def __init__(self, setup: WorkerSetup) -> None:
+        self._setup = setup
         self._objects: dict[Reference, object] = {}
-        self._max_tasks = max_tasks
+        self._blobs: dict[int, bytes] = {}
+        self._functions: dict[int, Any] = {}
         self._done = 0
         self._init_error: str | None = None
-        self._last_function: tuple[bytes, Any] | None = None
-        if initializer is not None:
+        if setup.initializer is not None:
             try:
-                initializer(*initargs)
+                setup.initializer(*setup.initargs)
             except BaseException:
                 self._init_error = traceback.format_exc()
 
-    def where(self) -> tuple[str, str, int]:
-        """``(node id, node IP address, pid)`` of this actor."""
+    def where(self) -> tuple[str, str, int, str | None]:
+        """``(node id, node address, pid, initializer traceback or None)`` of this actor."""
         import ray
 
-        context = ray.get_runtime_context()
-        return context.get_node_id(), ray.util.get_node_ip_address(), os.getpid()
+        node_id = ray.get_runtime_context().get_node_id()
+        return node_id, ray.util.get_node_ip_address(), os.getpid(), self._init_error
 
     def run(
         self,
-        calls: list[tuple[int, bytes]],
+        fns: list[tuple[int, bytes]],
+        calls: list[tuple[int, int, bytes]],
         refs: list[Reference],
         forget: list[Reference],
         *objects: object,
     ) -> list[bytes]:
         """Run ``calls`` in order; one framed reply per task (see the module docstring)."""
-        if self._init_error is not None:
-            return [HDR.pack(0, INIT_FAILED) + self._init_error.encode()]
         for ref in forget:
             self._objects.pop(ref, None)
         self._objects.update(zip(refs, objects, strict=True))
         del objects
+        for fn_id, blob in fns:
+            self._add_function(fn_id, blob)
         replies = []
-        for task_id, payload in calls:
-            op, body = self._run_task(payload)
+        max_tasks = self._setup.max_tasks
+        for task_id, fn_id, payload in calls:
+            op, body = self._run_task(fn_id, payload)
             replies.append(HDR.pack(task_id, op) + body)
             self._done += 1
-            if self._max_tasks is not None and self._done >= self._max_tasks:
-                replies.append(HDR.pack(0, RETIRE))
+            if max_tasks is not None and self._done >= max_tasks:
+                replies.append(HDR.pack(0, RETIRE))  # the driver sends no more than that
                 break
         return replies
 
@@ -150,17 +159,37 @@ class RayWorker:
         swap = int(getattr(info, "swap", 0))
         return node, os.getpid(), int(info.rss), int(info.uss), int(info.pss), swap
 
+    # -- functions -----------------------------------------------------------------
+
+    def _add_function(self, fn_id: int, blob: bytes) -> None:
+        self._blobs[fn_id] = blob
+        if len(self._blobs) > MAX_FUNCTIONS:
+            oldest = next(iter(self._blobs))
+            del self._blobs[oldest]
+            self._functions.pop(oldest, None)
+
+    def _function(self, fn_id: int) -> Any:
+        """A task's function; plain functions and classes are unpickled once, as locally."""
+        fn = self._functions.get(fn_id)
+        if fn is not None:
+            return fn
+        fn = _Unpickler(self._blobs[fn_id], self._objects).load()
+        if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
+            self._functions[fn_id] = fn
+        return fn
+
     # -- one task ------------------------------------------------------------------
 
-    def _run_task(self, payload: bytes) -> tuple[int, bytes]:
+    def _run_task(self, fn_id: int, payload: bytes) -> tuple[int, bytes]:
         try:
-            kind, fn_blob, data = _Unpickler(payload, self._objects).load()
-            fn = self._load_function(fn_blob)
+            kind, data = _Unpickler(payload, self._objects).load()
+            fn = self._function(fn_id)
         except BaseException as err:
             wrapped = Error(
-                f"Ray worker pid {os.getpid()} could not unpickle its task: {err!r}. The "
-                "function's module must be importable on the Ray workers (install it on every "
-                "node, or ship it with ray.init(runtime_env=...))"
+                f"Ray worker pid {os.getpid()} could not unpickle its task: {err!r}. Functions "
+                "and classes that the driver pickles by name (those of importable modules) must "
+                "be importable on every Ray worker: install their package on the nodes, or ship "
+                "it with ray.init(runtime_env={'py_modules': [...]})"
             )
             return _error_reply(wrapped)
         try:
@@ -181,19 +210,9 @@ class RayWorker:
             return _error_reply(
                 TaskPicklingError(
                     f"cannot send the result ({cls.__module__}.{cls.__qualname__}) back from Ray "
-                    f"worker pid {os.getpid()}: pickling failed with {err!r}; return picklable data"
+                    f"worker pid {os.getpid()}: pickling failed with {err!r}. Return picklable data"
                 )
             )
-
-    def _load_function(self, blob: bytes) -> Any:
-        """Unpickle a task's function; a plain function is reused while the same one comes."""
-        last = self._last_function
-        if last is not None and last[0] == blob:
-            return last[1]
-        fn = _Unpickler(blob, self._objects).load()
-        if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
-            self._last_function = (blob, fn)
-        return fn
 
 
 def _error_reply(err: BaseException) -> tuple[int, bytes]:
