@@ -10,6 +10,8 @@ some settings from the environment when it is imported.
   copy of the suite running at the same time never meets this one's Ray.
 * **Loopback only.** ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray bind its
   servers to 127.0.0.1 instead of the machine's address.
+* **Not killed for others' memory.** Ray's memory monitor (which kills workers
+  when the whole machine is above 95% memory) is off.
 * **Never left behind.** Ray's processes are children of this process
   (gcs_server, raylet and the agents; workers are the raylet's children). The
   fixtures shut Ray down and then kill whatever of those trees is left, also
@@ -34,6 +36,9 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray 2.60 otherwise writes an auth token into ~/.ray: nothing shared outside this session.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's memory monitor kills workers when the *machine* is above 95% memory; on a
+# machine shared with other test runs that is their memory, not ours: off.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
 
 OBJECT_STORE = 256 * 2**20
 #: Direct children of this process that belong to a Ray instance kept up across tests.
@@ -140,8 +145,8 @@ def local_ray(num_cpus: int = 2, **options: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def two_node_cluster() -> Iterator[Any]:
-    """A ``ray.cluster_utils.Cluster`` of two nodes on this machine, this process connected.
+def two_node_cluster(connect: bool = True) -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` of two nodes on this machine (this process connected).
 
     The head has resource ``{"head": 1}``, the second node ``{"second": 1}``;
     one CPU each.
@@ -161,13 +166,15 @@ def two_node_cluster() -> Iterator[Any]:
         )
         cluster.add_node(num_cpus=1, resources={"second": 1}, object_store_memory=OBJECT_STORE // 2)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+        if connect:
+            ray.init(address=cluster.address, log_to_driver=False)
         return cluster
 
     holder: list[Any] = []
 
     def stop() -> None:
-        ray.shutdown()
+        if connect:
+            ray.shutdown()
         if holder:
             holder[0].shutdown()
 
@@ -219,27 +226,46 @@ class ChannelDriver:
 
     Used to test the Ray launcher and the actor side on their own. Tasks are
     pickled by the Ray encoder, sent, and their replies decoded into
-    ``(ok, value)`` in task order; a lost actor's later tasks come back as
-    ``(None, "unsent")``.
+    ``(ok, value)`` in task order; tasks the channel never answered (left to
+    the engine, which would send them elsewhere) come back as ``(None, "unsent")``.
     """
 
     def __init__(self, launcher: Any, share_threshold: int | None = 2**20) -> None:
         from forkref._autoshare import AutoSharer
-        from forkref._ray import RayTaskEncoder
+        from forkref._generations import Generation
 
         self.launcher = launcher
         self.sharer = AutoSharer(share_threshold, auto_share=True, by_reference=True)
-        self.encoder = RayTaskEncoder(self.sharer)
+        self.encoder = launcher.encoder(self.sharer)
+        self.gen = Generation(1, 0)
+        launcher.start_generation(self.gen)
         self._ids = iter(range(1, 1 << 62))
+        self._wids = iter(range(1, 1 << 62))
+
+    def launch(self) -> Any:
+        return self.launcher.launch(self.gen, next(self._wids))
 
     def encode(self, kind: int, fn: Any, datas: list[Any]) -> list[Any]:
-        fn_blob, fn_refs = self.encoder.encode_function(fn)
+        from forkref._scheduler import Task
+
+        fn_blob = self.encoder.encode_function(fn)
         tasks = []
         with self.encoder.batch() as batch:
             for data in datas:
                 before = len(batch.refs)
-                payload = batch.encode(kind, fn_blob, fn, data)
-                tasks.append(_Task(next(self._ids), payload, batch.refs[before:] + fn_refs))
+                encoded = batch.encode(kind, fn, data)
+                task = Task(
+                    next(self._ids),
+                    kind,
+                    fn_blob,
+                    encoded,
+                    data=data,
+                    offset=0,
+                    on_done=lambda ok, value: None,
+                    on_start=None,
+                )
+                task.refs = batch.refs[before:] + fn_blob.refs
+                tasks.append(task)
         return tasks
 
     def run(self, channel: Any, kind: int, fn: Any, datas: list[Any]) -> list[tuple[Any, Any]]:
@@ -253,8 +279,7 @@ class ChannelDriver:
         import pickle
         import select
 
-        from forkref._wire import HDR, OK
-        from forkref._zygote import RemoteTraceback
+        from forkref._wire import HDR, OK, READY
 
         got: dict[int, tuple[Any, Any]] = {}
         while len(got) < len(tasks):
@@ -265,15 +290,12 @@ class ChannelDriver:
                 break
             for reply in replies:
                 task_id, op = HDR.unpack_from(reply)
+                if op == READY:
+                    continue
                 value = pickle.loads(reply[HDR.size :])
                 if op != OK:
                     exc, tb = value
-                    exc.__cause__ = RemoteTraceback(tb)
+                    exc.__cause__ = RuntimeError(tb)
                     value = exc
                 got[task_id] = (op == OK, value)
         return [got.get(t.id, (None, "unsent")) for t in tasks]
-
-
-class _Task:
-    def __init__(self, task_id: int, payload: bytes, refs: list[Any]) -> None:
-        self.id, self.payload, self.refs = task_id, payload, refs

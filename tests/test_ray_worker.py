@@ -27,6 +27,7 @@ pd = pytest.importorskip("pandas")
 import forkref  # noqa: E402
 from forkref._ray import RayLauncher  # noqa: E402
 from forkref._taskpickle import CALL, MAP  # noqa: E402
+from forkref._worker import WorkerSetup  # noqa: E402
 
 MiB = 2**20
 
@@ -39,7 +40,7 @@ def ray_instance() -> Iterator[Any]:
 
 @pytest.fixture
 def launcher(ray_instance: Any) -> Iterator[RayLauncher]:
-    launcher = RayLauncher(2, (None, (), None))
+    launcher = RayLauncher(2, WorkerSetup(None, (), None, "ray", executor=False))
     try:
         yield launcher
     finally:
@@ -66,7 +67,7 @@ def test_shared_frame_arrives_zero_copy_read_only_once_per_actor(launcher: RayLa
     frame = pd.DataFrame({"a": np.arange(32 * MiB // 8, dtype=np.float64)})
     handle = forkref.share(frame)
     driver = ChannelDriver(launcher)
-    channel = launcher.launch(1)
+    channel = driver.launch()
     results = driver.run(channel, CALL, frame_reader, [((handle,), {}) for _ in range(4)])
     assert all(ok for ok, _ in results), results
     writable, ids, pids, sums = zip(*(value for _, value in results), strict=True)
@@ -75,7 +76,7 @@ def test_shared_frame_arrives_zero_copy_read_only_once_per_actor(launcher: RayLa
     assert len(set(pids)) == 1
     assert set(sums) == {float(np.arange(1000).sum())}
     assert len(launcher.objects) == 1, "put once per pool"
-    (ok, (before, after)), = driver.run(channel, CALL, uss_while_reading, [((handle,), {})])
+    ((ok, (before, after)),) = driver.run(channel, CALL, uss_while_reading, [((handle,), {})])
     assert ok
     assert after - before < 32 * MiB // 4, "reading the frame must not copy it into the worker"
 
@@ -83,19 +84,19 @@ def test_shared_frame_arrives_zero_copy_read_only_once_per_actor(launcher: RayLa
 def test_big_arguments_and_captured_values_go_through_the_store(launcher: RayLauncher) -> None:
     big = np.ones(4 * MiB // 8)
     driver = ChannelDriver(launcher)
-    channel = launcher.launch(1)
+    channel = driver.launch()
     results = driver.run(channel, MAP, lambda i: float(big[i]) + i, [[0, 1, 2]])
     assert results == [(True, [1.0, 2.0, 3.0])]
     results = driver.run(channel, CALL, np.sum, [((big,), {}) for _ in range(3)])
     assert [value for _, value in results] == [float(len(big))] * 3
     assert len(launcher.objects) == 1, "the captured array and the argument: one object, one put"
-    fn_blob, _ = driver.encoder.encode_function(lambda i: big[i])
+    fn_blob = driver.encoder.encode_function(lambda i: big[i]).blob
     assert len(fn_blob) < 10_000, "a captured big value travels by reference"
 
 
 def test_lambdas_closures_and_remote_tracebacks(launcher: RayLauncher) -> None:
     driver = ChannelDriver(launcher)
-    channel = launcher.launch(1)
+    channel = driver.launch()
     offset = 10
 
     def add(x: int) -> int:
@@ -121,6 +122,7 @@ def test_functions_of_the_drivers_main_module_work() -> None:
         import ray_harness, forkref
         from forkref._ray import RayLauncher
         from forkref._taskpickle import CALL, MAP
+        from forkref._worker import WorkerSetup
 
         SCALE = 3
 
@@ -134,10 +136,10 @@ def test_functions_of_the_drivers_main_module_work() -> None:
             raise Odd(x)
 
         with ray_harness.local_ray(num_cpus=1):
-            launcher = RayLauncher(1, (None, (), None))
+            launcher = RayLauncher(1, WorkerSetup(None, (), None, "ray", False))
             try:
                 driver = ray_harness.ChannelDriver(launcher)
-                channel = launcher.launch(1)
+                channel = driver.launch()
                 print(driver.run(channel, MAP, scaled, [[1, 2]]))
                 print(driver.run(channel, MAP, lambda x: x + SCALE, [[1]]))
                 ((ok, err),) = driver.run(channel, MAP, odd, [[5]])
@@ -149,7 +151,11 @@ def test_functions_of_the_drivers_main_module_work() -> None:
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
         check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -161,7 +167,7 @@ def test_a_lost_actor_fails_its_running_batch_and_ends_the_channel(launcher: Ray
     import time
 
     driver = ChannelDriver(launcher)
-    channel = launcher.launch(1)
+    channel = driver.launch()
     # A slow call goes at once; the next two tasks wait and leave together, as one
     # batch, when it is done: abs(1) runs, then os._exit kills the actor.
     tasks = driver.encode(CALL, time.sleep, [((1,), {})])
@@ -171,23 +177,25 @@ def test_a_lost_actor_fails_its_running_batch_and_ends_the_channel(launcher: Ray
         channel.send(task)
     results = driver.collect(channel, tasks)
     assert results[0] == (True, None)
-    for ok, err in results[1:]:  # the batch that was running: abs(1) ran, its result is lost
-        assert ok is False
-        assert isinstance(err, forkref.WorkerDiedError), err
-        text = str(err)
-        assert "Ray actor" in text
-        assert "lost" in text
-        assert "result is lost" in text
+    # The batch that was running: abs(1) ran but its result is lost with the actor;
+    # the last task of the batch is left to the engine, which fails it as the task
+    # the worker was running when its channel ended.
+    ok, err = results[1]
+    assert ok is False
+    assert isinstance(err, forkref.WorkerDiedError), err
+    assert "Ray actor" in str(err)
+    assert "result is lost" in str(err)
+    assert results[2] == (None, "unsent")
     with pytest.raises(EOFError):
         channel.read()
-    assert "lost" in channel.exit_text()
+    assert "lost" in channel.describe_exit(None)
     with pytest.raises(OSError, match="gone"):
         channel.send(tasks[0])
 
 
 def test_many_tiny_tasks_travel_in_few_calls(launcher: RayLauncher) -> None:
     driver = ChannelDriver(launcher)
-    channel = launcher.launch(1)
+    channel = driver.launch()
     calls = 0
     real_flush = channel._flush
 
@@ -204,14 +212,16 @@ def test_many_tiny_tasks_travel_in_few_calls(launcher: RayLauncher) -> None:
 
 def test_memory_reports_each_actor_and_the_object_store(launcher: RayLauncher) -> None:
     driver = ChannelDriver(launcher)
-    channels = [launcher.launch(1), launcher.launch(2)]
+    channels = [driver.launch(), driver.launch()]
     handle = forkref.share(np.ones(8 * MiB // 8))
     for channel in channels:
         assert driver.run(channel, CALL, len, [((handle,), {})]) == [(True, MiB)]
-    report = launcher.memory()
-    assert [p.role for p in report.processes] == ["ray worker@127.0.0.1"] * 2
-    assert {p.pid for p in report.processes} == {c.pid for c in channels}
-    assert all(p.uss > 0 for p in report.processes)
+    report = launcher.memory({os.getpid(): "parent"})
+    assert [p.role for p in report.by_role("ray worker@127.0.0.1")] == ["ray worker@127.0.0.1"] * 2
+    workers = report.by_role("ray worker@127.0.0.1")
+    assert {p.pid for p in workers} == {c.pid for c in channels}
+    assert all(p.uss > 0 for p in workers)
     assert report.object_store_error is None
     (store,) = report.object_stores
     assert store.capacity == ray_harness.OBJECT_STORE
+    assert report.by_role("parent")[0].pid == os.getpid()

@@ -437,11 +437,19 @@ class RayChannel(Channel):
         self._terminate_when_idle()
 
     def kill(self) -> None:
-        """End the actor now (``ray.kill``); its calls fail."""
+        """End the actor now (``ray.kill``); the channel ends with it.
+
+        The engine has given up on what the actor held; an idle actor would
+        answer nothing more, so the end is reported at once, not waited for.
+        """
         self._stopping = True
         if self._actor is not None:
             with contextlib.suppress(Exception):
                 self._ray.kill(self._actor, no_restart=True)
+        if self._alive():
+            self._ended = True
+            self._exit = self._exit or f"{self.describe()} killed"
+            self._wake()
 
     def describe_exit(self, status: int | None) -> str:
         """How the actor ended: ``Ray actor 3f2a... on node 10.0.0.5 (9c1e...) lost: ...``."""
@@ -702,8 +710,16 @@ class RayLauncher(Launcher):
 
         self._actor_class = ray.remote(RayWorker).options(**self.actor_options)
 
-    def launch(self, gen: Generation, wid: int) -> Channel:
-        """Create one actor (Ray schedules it asynchronously) and its channel."""
+    def launch(self, gen: Generation, wid: int) -> Channel | None:
+        """Create one actor (Ray schedules it asynchronously) and its channel.
+
+        None (the engine tries again at its next round) while the cluster has
+        no free CPU for it: after a node is lost, an actor created then would
+        wait for resources, and the tasks sent to it with it; the pool runs
+        on the workers it has meanwhile.
+        """
+        if self.channels and not self._room_for_one():
+            return None
         try:
             actor = self._actor_class.remote(self.setup)
         except Exception as err:
@@ -714,6 +730,13 @@ class RayLauncher(Launcher):
         channel = RayChannel(self, wid, actor)
         self.channels.append(channel)
         return channel
+
+    def _room_for_one(self) -> bool:
+        try:
+            free = self.ray.available_resources().get("CPU", 0)
+        except Exception:  # cannot tell: let Ray queue it
+            return True
+        return bool(free >= self.actor_options.get("num_cpus", 1))
 
     def memory(self, roles: dict[int, str]) -> RayMemoryReport:
         """The parent (psutil here), each actor (measured in the actor), each node's store."""

@@ -1,0 +1,300 @@
+"""Ray backend benchmark: one run, the peers side by side on one local Ray instance.
+
+Part 1: 16 tasks over a DataFrame (default 1 GiB) on 2 workers; each task sums
+a 1/16 slice of one column and reports its worker's USS (psutil, inside the
+task, after touching the slice). Peers:
+
+* ``forkref.Pool(2, backend="ray")`` with ``forkref.share(frame)``: the frame
+  is put into Ray's object store once, each actor reads it zero-copy;
+* ``ray.util.multiprocessing.Pool(2)`` with the frame as a plain argument:
+  Ray's drop-in pool sends the arguments with every batch (default chunksize);
+* hand-written ``ray.put(frame)`` + ``@ray.remote`` tasks: the best a Ray user
+  writes by hand.
+
+Timed: from handing the frame over (share/put) to the 16th result, on pools
+whose workers are already up (each round makes a fresh pool and warms it
+first, so every round puts the frame again). Object-store use is sampled
+every 20 ms during the timed part; the peak is reported.
+
+Part 2: 1,000 tiny tasks (``abs``): forkref's Ray backend vs
+``ray.util.multiprocessing.Pool``, as ``map`` (default chunksize), ``map``
+with ``chunksize=1`` and 1,000 ``apply_async`` calls; tasks per second.
+
+Run: ``python benchmarks/bench_ray.py`` (``--size 256MiB`` for a quick run).
+Needs ``pip install 'forkref[ray]' pandas``. Times are the best of
+``--rounds`` rounds (Ray's pool: ``--pool-rounds``); the first round is shown
+too. The machine is shared: look at the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+# Before Ray is imported: its servers listen on 127.0.0.1 only, and its files
+# (sockets, logs, the "current cluster" address file) stay in a directory of this run.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np
+import pandas as pd
+import psutil
+
+import forkref
+from forkref._demo import parse_size
+
+MiB = 1 << 20
+TASKS = 16
+TINY = 1000
+
+
+# -- the task (module level: every peer runs the same function) --------------------------
+
+
+def slice_sum(df: pd.DataFrame, part: int) -> tuple[int, int, float]:
+    """Sum one 1/16 slice of column "a"; this worker's pid and USS after touching it."""
+    column = df["a"].to_numpy()
+    n = len(column) // TASKS
+    total = float(column[part * n : (part + 1) * n].sum())
+    return os.getpid(), psutil.Process().memory_full_info().uss, total
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One peer's rounds: seconds of each, the peak store use, each worker's peak USS."""
+
+    seconds: list[float] = field(default_factory=list)
+    store_peak: int = 0
+    uss: dict[int, int] = field(default_factory=dict)
+    note: str = ""
+
+    def add(self, seconds: float, store_peak: int, results: list[tuple[int, int, float]]) -> None:
+        self.seconds.append(seconds)
+        self.store_peak = max(self.store_peak, store_peak)
+        for pid, uss, _ in results:
+            self.uss[pid] = max(self.uss.get(pid, 0), uss)
+
+
+class StoreSampler:
+    """Peak object-store use (all nodes) while the block runs, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        from forkref._ray import object_store_use
+
+        self._read = object_store_use
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _used(self) -> int:
+        import ray
+
+        stores, _ = self._read(ray)
+        return sum(s.used for s in stores)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._used())
+
+    @contextmanager
+    def sampling(self) -> Iterator[StoreSampler]:
+        thread = threading.Thread(target=self._loop, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self.peak = max(self.peak, self._used())
+
+
+def timed(run: Run, body: Callable[[], list[tuple[int, int, float]]], expect: list[float]) -> None:
+    sampler = StoreSampler()
+    with sampler.sampling():
+        start = time.perf_counter()
+        results = body()
+        seconds = time.perf_counter() - start
+    if [r[2] for r in results] != expect:
+        raise SystemExit("a peer computed wrong sums: the benchmark is broken")
+    run.add(seconds, sampler.peak, results)
+
+
+# -- part 1: the peers -------------------------------------------------------------------
+
+
+def run_forkref(frame: pd.DataFrame, rounds: int, expect: list[float]) -> Run:
+    run = Run()
+    for _ in range(rounds):
+        with forkref.Pool(2, backend="ray") as pool:
+            pool.map(abs, [1, 2], chunksize=1)  # both actors up
+
+            def body(pool: Any = pool) -> list[tuple[int, int, float]]:
+                with forkref.share(frame) as handle:
+                    return pool.starmap(slice_sum, [(handle, i) for i in range(TASKS)])
+
+            timed(run, body, expect)
+    return run
+
+
+def run_ray_pool(frame: pd.DataFrame, rounds: int, expect: list[float]) -> Run:
+    from ray.util.multiprocessing import Pool
+
+    run = Run(note="frame as a plain argument, default chunksize")
+    for _ in range(rounds):
+        pool = Pool(2)
+        try:
+            pool.map(abs, [1, 2], chunksize=1)
+
+            def body(pool: Any = pool) -> list[tuple[int, int, float]]:
+                return list(pool.starmap(slice_sum, [(frame, i) for i in range(TASKS)]))
+
+            timed(run, body, expect)
+        finally:
+            pool.terminate()
+    return run
+
+
+def run_by_hand(frame: pd.DataFrame, rounds: int, expect: list[float]) -> Run:
+    import ray
+
+    task = ray.remote(slice_sum)
+    ray.get([task.remote(frame.iloc[:10], 0) for _ in range(2)])  # warm two workers
+    run = Run(note="ray.put once, @ray.remote tasks")
+    for _ in range(rounds):
+
+        def body() -> list[tuple[int, int, float]]:
+            ref = ray.put(frame)
+            return list(ray.get([task.remote(ref, i) for i in range(TASKS)]))
+
+        timed(run, body, expect)
+    return run
+
+
+# -- part 2: tiny tasks --------------------------------------------------------------------
+
+
+def tiny_rates(pool: Any, rounds: int) -> dict[str, float]:
+    """Tasks per second of ``pool`` for each call form (best of ``rounds``)."""
+    items = list(range(-TINY, 0))
+    expect = [abs(i) for i in items]
+    def apply_async() -> list[int]:
+        return [r.get() for r in [pool.apply_async(abs, (i,)) for i in items]]
+
+    forms: dict[str, Callable[[], list[int]]] = {
+        "map, default chunksize": lambda: list(pool.map(abs, items)),
+        "map, chunksize=1": lambda: list(pool.map(abs, items, chunksize=1)),
+        "apply_async x 1000": apply_async,
+    }
+    rates = {}
+    for name, form in forms.items():
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            if form() != expect:
+                raise SystemExit(f"{name}: wrong results: the benchmark is broken")
+            best = min(best, time.perf_counter() - start)
+        rates[name] = TINY / best
+    return rates
+
+
+def run_tiny(rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    from ray.util.multiprocessing import Pool as RayPool
+
+    with forkref.Pool(2, backend="ray") as pool:
+        pool.map(abs, [1, 2], chunksize=1)
+        ours = tiny_rates(pool, rounds)
+    ray_pool = RayPool(2)
+    try:
+        ray_pool.map(abs, [1, 2], chunksize=1)
+        theirs = tiny_rates(ray_pool, rounds)
+    finally:
+        ray_pool.terminate()
+    return ours, theirs
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def report(
+    size: int, runs: dict[str, Run], tiny: tuple[dict[str, float], dict[str, float]]
+) -> None:
+    print(
+        f"Part 1: {TASKS} tasks over a {size / MiB:,.0f} MiB DataFrame on 2 Ray workers, "
+        f"Python {sys.version.split()[0]}, Ray {_ray_version()}; "
+        "seconds from handing the frame over to the last result"
+    )
+    header = (
+        f"{'peer':<34} {'first s':>8} {'best s':>8} {'store peak MiB':>15} "
+        f"{'worker USS MiB':>16}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, run in runs.items():
+        uss = " ".join(f"{u / MiB:,.0f}" for u in sorted(run.uss.values(), reverse=True)[:4])
+        print(
+            f"{name:<34} {run.seconds[0]:>8.3f} {min(run.seconds):>8.3f} "
+            f"{run.store_peak / MiB:>15,.0f} {uss:>16}"
+        )
+    ours = min(runs["forkref.Pool(backend='ray')"].seconds)
+    by_hand = min(runs["hand-written ray.put + remote"].seconds)
+    ray_pool = min(runs["ray.util.multiprocessing.Pool"].seconds)
+    print(f"\nforkref vs hand-written: {ours / by_hand:.2f}x the time (goal: within 1.2x)")
+    print(f"ray.util.multiprocessing.Pool vs forkref: {ray_pool / ours:.1f}x the time")
+    ours_rates, their_rates = tiny
+    print(f"\nPart 2: {TINY:,} tiny tasks (abs) on 2 Ray workers, tasks per second (best round)")
+    print(f"{'call':<26} {'forkref ray':>12} {'ray Pool':>10} {'forkref/ray Pool':>17}")
+    for name, rate in ours_rates.items():
+        theirs = their_rates[name]
+        print(f"{name:<26} {rate:>12,.0f} {theirs:>10,.0f} {rate / theirs:>16.1f}x")
+
+
+def _ray_version() -> str:
+    import ray
+
+    return str(ray.__version__)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="frame size (1GiB)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per peer (3)")
+    parser.add_argument(
+        "--pool-rounds", type=int, default=1, help="rounds for ray.util.multiprocessing.Pool (1)"
+    )
+    args = parser.parse_args()
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("Ray is not installed: pip install 'forkref[ray]'") from None
+    frame = pd.DataFrame({"a": np.arange(args.size // 8, dtype=np.float64)})
+    n = len(frame) // TASKS
+    column = frame["a"].to_numpy()
+    expect = [float(column[i * n : (i + 1) * n].sum()) for i in range(TASKS)]
+    tmp = tempfile.mkdtemp(prefix="bench-ray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        runs = {
+            "forkref.Pool(backend='ray')": run_forkref(frame, args.rounds, expect),
+            "hand-written ray.put + remote": run_by_hand(frame, args.rounds, expect),
+            "ray.util.multiprocessing.Pool": run_ray_pool(frame, args.pool_rounds, expect),
+        }
+        tiny = run_tiny(args.rounds)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(args.size, runs, tiny)
+
+
+if __name__ == "__main__":
+    main()
