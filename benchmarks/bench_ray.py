@@ -1,8 +1,8 @@
 """Ray backend benchmark: one run, the peers side by side on one local Ray instance.
 
 Part 1: 16 tasks over a DataFrame (default 1 GiB) on 2 workers; each task sums
-a 1/16 slice of one column and reports its worker's USS (psutil, inside the
-task, after touching the slice). Peers:
+a 1/16 slice of one column. Then, untimed, the same 16 tasks again report
+their worker's USS (psutil, inside the task, after touching the slice). Peers:
 
 * ``forkref.Pool(2, backend="ray")`` with ``forkref.share(frame)``: the frame
   is put into Ray's object store once, each actor reads it zero-copy;
@@ -13,8 +13,10 @@ task, after touching the slice). Peers:
 
 Timed: from handing the frame over (share/put) to the 16th result, on pools
 whose workers are already up (each round makes a fresh pool and warms it
-first, so every round puts the frame again). Object-store use is sampled
-every 20 ms during the timed part; the peak is reported.
+with a 32-row frame, so pandas is imported; every round puts the frame
+again). Rounds are interleaved, one of each peer per round, after one
+untimed put that faults the object store's pages in. Object-store use is
+sampled every 20 ms during the timed part; the peak is reported.
 
 Part 2: 1,000 tiny tasks (``abs``): forkref's Ray backend vs
 ``ray.util.multiprocessing.Pool``, as ``map`` (default chunksize), ``map``
@@ -59,12 +61,17 @@ TINY = 1000
 # -- the task (module level: every peer runs the same function) --------------------------
 
 
-def slice_sum(df: pd.DataFrame, part: int) -> tuple[int, int, float]:
-    """Sum one 1/16 slice of column "a"; this worker's pid and USS after touching it."""
+def slice_sum(df: pd.DataFrame, part: int) -> float:
+    """Sum one 1/16 slice of column "a"."""
     column = df["a"].to_numpy()
     n = len(column) // TASKS
-    total = float(column[part * n : (part + 1) * n].sum())
-    return os.getpid(), psutil.Process().memory_full_info().uss, total
+    return float(column[part * n : (part + 1) * n].sum())
+
+
+def slice_uss(df: pd.DataFrame, part: int) -> tuple[int, int]:
+    """The same sum, then this worker's pid and USS (reading smaps takes ~10 ms: untimed)."""
+    slice_sum(df, part)
+    return os.getpid(), psutil.Process().memory_full_info().uss
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -79,11 +86,11 @@ class Run:
     uss: dict[int, int] = field(default_factory=dict)
     note: str = ""
 
-    def add(self, seconds: float, store_peak: int, results: list[tuple[int, int, float]]) -> None:
+    def add(self, seconds: float, store_peak: int, uss: list[tuple[int, int]]) -> None:
         self.seconds.append(seconds)
         self.store_peak = max(self.store_peak, store_peak)
-        for pid, uss, _ in results:
-            self.uss[pid] = max(self.uss.get(pid, 0), uss)
+        for pid, value in uss:
+            self.uss[pid] = max(self.uss.get(pid, 0), value)
 
 
 class StoreSampler:
@@ -118,66 +125,107 @@ class StoreSampler:
             self.peak = max(self.peak, self._used())
 
 
-def timed(run: Run, body: Callable[[], list[tuple[int, int, float]]], expect: list[float]) -> None:
+def timed(
+    run: Run,
+    body: Callable[[], list[float]],
+    expect: list[float],
+    uss: Callable[[], list[tuple[int, int]]],
+) -> None:
+    """Time ``body`` (sampling the store), check its sums, then read the workers' USS."""
     sampler = StoreSampler()
     with sampler.sampling():
         start = time.perf_counter()
         results = body()
         seconds = time.perf_counter() - start
-    if [r[2] for r in results] != expect:
+    if results != expect:
         raise SystemExit("a peer computed wrong sums: the benchmark is broken")
-    run.add(seconds, sampler.peak, results)
+    run.add(seconds, sampler.peak, uss())
 
 
 # -- part 1: the peers -------------------------------------------------------------------
 
 
-def run_forkref(frame: pd.DataFrame, rounds: int, expect: list[float]) -> Run:
-    run = Run()
-    for _ in range(rounds):
-        with forkref.Pool(2, backend="ray") as pool:
-            pool.map(abs, [1, 2], chunksize=1)  # both actors up
-
-            def body(pool: Any = pool) -> list[tuple[int, int, float]]:
-                with forkref.share(frame) as handle:
-                    return pool.starmap(slice_sum, [(handle, i) for i in range(TASKS)])
-
-            timed(run, body, expect)
-    return run
+def warm(starmap: Callable[..., Any], frame: pd.DataFrame) -> None:
+    """Both workers up, with pandas imported and the task function loaded: not timed."""
+    small = frame.iloc[: TASKS * 2]
+    starmap(slice_sum, [(small, 0), (small, 1)], chunksize=1)
 
 
-def run_ray_pool(frame: pd.DataFrame, rounds: int, expect: list[float]) -> Run:
+def round_forkref(frame: pd.DataFrame, run: Run, expect: list[float]) -> None:
+    args = list(range(TASKS))
+    with forkref.Pool(2, backend="ray") as pool, forkref.share(frame) as handle:
+        warm(pool.starmap, frame)
+        timed(
+            run,
+            lambda: pool.starmap(slice_sum, [(handle, i) for i in args]),
+            expect,
+            lambda: pool.starmap(slice_uss, [(handle, i) for i in args]),
+        )
+
+
+def round_ray_pool(frame: pd.DataFrame, run: Run, expect: list[float]) -> None:
     from ray.util.multiprocessing import Pool
 
-    run = Run(note="frame as a plain argument, default chunksize")
-    for _ in range(rounds):
-        pool = Pool(2)
-        try:
-            pool.map(abs, [1, 2], chunksize=1)
+    args = [(frame, i) for i in range(TASKS)]
+    pool = Pool(2)
+    try:
+        warm(pool.starmap, frame)
+        timed(
+            run,
+            lambda: list(pool.starmap(slice_sum, args)),
+            expect,
+            lambda: list(pool.starmap(slice_uss, args)),
+        )
+    finally:
+        pool.terminate()
 
-            def body(pool: Any = pool) -> list[tuple[int, int, float]]:
-                return list(pool.starmap(slice_sum, [(frame, i) for i in range(TASKS)]))
 
-            timed(run, body, expect)
-        finally:
-            pool.terminate()
-    return run
-
-
-def run_by_hand(frame: pd.DataFrame, rounds: int, expect: list[float]) -> Run:
+def round_by_hand(frame: pd.DataFrame, run: Run, expect: list[float]) -> None:
     import ray
 
-    task = ray.remote(slice_sum)
-    ray.get([task.remote(frame.iloc[:10], 0) for _ in range(2)])  # warm two workers
-    run = Run(note="ray.put once, @ray.remote tasks")
-    for _ in range(rounds):
+    task, task_uss = ray.remote(slice_sum), ray.remote(slice_uss)
+    warm(lambda fn, args, chunksize: ray.get([task.remote(*a) for a in args]), frame)
+    refs: list[Any] = []
 
-        def body() -> list[tuple[int, int, float]]:
-            ref = ray.put(frame)
-            return list(ray.get([task.remote(ref, i) for i in range(TASKS)]))
+    def body() -> list[float]:
+        refs[:] = [ray.put(frame)]
+        return list(ray.get([task.remote(refs[0], i) for i in range(TASKS)]))
 
-        timed(run, body, expect)
-    return run
+    timed(
+        run,
+        body,
+        expect,
+        lambda: list(ray.get([task_uss.remote(refs[0], i) for i in range(TASKS)])),
+    )
+
+
+PEERS: dict[str, Callable[[pd.DataFrame, Run, list[float]], None]] = {
+    "forkref.Pool(backend='ray')": round_forkref,
+    "hand-written ray.put + remote": round_by_hand,
+    "ray.util.multiprocessing.Pool": round_ray_pool,
+}
+
+
+def run_part1(frame: pd.DataFrame, rounds: int, pool_rounds: int) -> dict[str, Run]:
+    """Rounds interleaved (one of each peer per round), after one untimed put of the frame.
+
+    Ray's store is fastest on pages it has written before: the warm-up put
+    and the interleaving give every peer the same store.
+    """
+    import ray
+
+    n = len(frame) // TASKS
+    column = frame["a"].to_numpy()
+    expect = [float(column[i * n : (i + 1) * n].sum()) for i in range(TASKS)]
+    del column
+    ray.get(ray.put(frame))  # fault the store's pages in once, for everyone
+    runs = {name: Run() for name in PEERS}
+    for r in range(rounds):
+        for name, one_round in PEERS.items():
+            if name == "ray.util.multiprocessing.Pool" and r >= pool_rounds:
+                continue
+            one_round(frame, runs[name], expect)
+    return runs
 
 
 # -- part 2: tiny tasks --------------------------------------------------------------------
@@ -277,18 +325,11 @@ def main() -> None:
     except ImportError:
         raise SystemExit("Ray is not installed: pip install 'forkref[ray]'") from None
     frame = pd.DataFrame({"a": np.arange(args.size // 8, dtype=np.float64)})
-    n = len(frame) // TASKS
-    column = frame["a"].to_numpy()
-    expect = [float(column[i * n : (i + 1) * n].sum()) for i in range(TASKS)]
     tmp = tempfile.mkdtemp(prefix="bench-ray-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        runs = {
-            "forkref.Pool(backend='ray')": run_forkref(frame, args.rounds, expect),
-            "hand-written ray.put + remote": run_by_hand(frame, args.rounds, expect),
-            "ray.util.multiprocessing.Pool": run_ray_pool(frame, args.pool_rounds, expect),
-        }
+        runs = run_part1(frame, args.rounds, args.pool_rounds)
         tiny = run_tiny(args.rounds)
     finally:
         ray.shutdown()
