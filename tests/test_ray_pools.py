@@ -12,6 +12,7 @@ objects through the object store, memory reports, the Ray lifecycle.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import time
@@ -41,24 +42,27 @@ from test_executor import (  # noqa: E402
 )
 from test_pool import (  # noqa: E402
     exit_now,
-    failing_initializer,
-    initialized,
-    initializer,
     mul,
     pid_of,
     raising,
     sqr,
     test_apply,
     test_async_results_and_callbacks,
+    test_close_then_join_and_not_running,
+    test_context_manager_terminates,
     test_error_callback_and_exception_with_worker_traceback,
+    test_failing_initializer_breaks_the_pool_instead_of_respawning_forever,
     test_imap_infinite_generator_is_consumed_lazily,
     test_imap_ordered_and_unordered,
     test_imap_raises_at_the_failing_item,
     test_imap_unordered_goes_on_after_failing_items,
+    test_initializer_runs_in_every_worker,
     test_map_and_starmap_keep_order,
     test_map_of_nothing,
+    test_maxtasksperchild_replaces_workers,
     test_pool_size_and_worker_pids,
     test_successful_before_ready_raises,
+    test_terminate_fails_pending_results_instead_of_hanging,
     test_timeouts,
 )
 
@@ -68,15 +72,21 @@ pytestmark = pytest.mark.timeout(300)
 IMPORTED = [
     test_apply,
     test_async_results_and_callbacks,
+    test_close_then_join_and_not_running,
+    test_context_manager_terminates,
     test_error_callback_and_exception_with_worker_traceback,
+    test_failing_initializer_breaks_the_pool_instead_of_respawning_forever,
     test_imap_infinite_generator_is_consumed_lazily,
     test_imap_ordered_and_unordered,
     test_imap_raises_at_the_failing_item,
     test_imap_unordered_goes_on_after_failing_items,
+    test_initializer_runs_in_every_worker,
     test_map_and_starmap_keep_order,
     test_map_of_nothing,
+    test_maxtasksperchild_replaces_workers,
     test_pool_size_and_worker_pids,
     test_successful_before_ready_raises,
+    test_terminate_fails_pending_results_instead_of_hanging,
     test_timeouts,
     test_as_completed_wait_and_done_callbacks,
     test_exception_reaches_the_caller_with_the_worker_traceback,
@@ -91,6 +101,12 @@ def ray_instance() -> Iterator[Any]:
     """One local Ray for the module: pools connect to it and leave it running."""
     with ray_harness.local_ray(num_cpus=2) as context:
         yield context
+
+
+@pytest.fixture
+def make_pool() -> Any:
+    """``forkref.Pool(...)`` on the Ray backend (what test_pool.py makes per start method)."""
+    return functools.partial(forkref.Pool, backend="ray")
 
 
 @pytest.fixture
@@ -110,19 +126,12 @@ def executor() -> Iterator[forkref.ProcessPoolExecutor]:
 # -- what the local pools' modules test with pools of their own ---------------------------
 
 
-def test_initializer_runs_in_every_worker() -> None:
-    with forkref.Pool(2, initializer=initializer, initargs=(7,), backend="ray") as p:
-        assert p.map(initialized, range(4)) == [[7]] * 4
+def test_executor_initializer_runs_in_every_worker() -> None:
     with forkref.ProcessPoolExecutor(2, initializer=init, initargs=("x",), backend="ray") as ex:
         assert all(s == ["x"] for s in ex.map(get_state, range(6)))
 
 
-def test_failing_initializer_breaks_both_pools() -> None:
-    with (
-        forkref.Pool(2, initializer=failing_initializer, backend="ray") as p,
-        pytest.raises(forkref.BrokenPoolError, match="initializer says no"),
-    ):
-        p.apply(sqr, (1,))
+def test_failing_initializer_breaks_the_executor() -> None:
     with (
         forkref.ProcessPoolExecutor(2, initializer=bad_init, backend="ray") as ex,
         pytest.raises(BrokenProcessPool, match="init failed here"),
@@ -130,10 +139,7 @@ def test_failing_initializer_breaks_both_pools() -> None:
         ex.submit(mul, 1, 1).result(timeout=60)
 
 
-def test_maxtasksperchild_replaces_workers() -> None:
-    with forkref.Pool(2, maxtasksperchild=2, backend="ray") as p:
-        pids = p.map(pid_of, range(6), chunksize=1)
-    assert len(set(pids)) >= 3
+def test_max_tasks_per_child_replaces_executor_workers() -> None:
     with forkref.ProcessPoolExecutor(2, max_tasks_per_child=2, backend="ray") as ex:
         pids = [f.result() for f in [ex.submit(pid_of) for _ in range(4)]]
     assert len(set(pids)) >= 2
@@ -180,16 +186,6 @@ def test_shutdown_without_wait_still_runs_pending_work() -> None:
     ex.shutdown(wait=True)
 
 
-def test_terminate_fails_pending_results() -> None:
-    p = forkref.Pool(1, backend="ray")
-    slow = p.apply_async(sleep_and_return, (30.0,))
-    queued = p.apply_async(sqr, (2,))
-    p.terminate()
-    for result in (slow, queued):
-        with pytest.raises(forkref.Error, match="terminated"):
-            result.get(timeout=30)
-
-
 def test_lambdas_closures_and_local_functions_work() -> None:
     offset = 10
 
@@ -214,7 +210,7 @@ def test_errors_keep_their_type_and_the_remote_traceback() -> None:
 def test_unpicklable_result_is_an_error_not_a_hang() -> None:
     with (
         forkref.Pool(1, backend="ray") as p,
-        pytest.raises(forkref.TaskPicklingError, match="cannot send the result"),
+        pytest.raises(forkref.ResultPicklingError, match="cannot send the result"),
     ):
         p.apply(threading_lock)
 

@@ -41,7 +41,7 @@ import traceback
 import types
 from typing import Any
 
-from forkref._errors import Error, NotInheritedError, TaskPicklingError
+from forkref._errors import Error, NotInheritedError, ResultPicklingError
 from forkref._handle import Unavailable
 from forkref._registry import Reference
 from forkref._taskpickle import CALL, MAP
@@ -208,11 +208,16 @@ class RayWorker:
         except Exception as err:
             cls = type(result)
             return _error_reply(
-                TaskPicklingError(
+                ResultPicklingError(
                     f"cannot send the result ({cls.__module__}.{cls.__qualname__}) back from Ray "
-                    f"worker pid {os.getpid()}: pickling failed with {err!r}. Return picklable data"
+                    f"worker pid {os.getpid()}: pickling failed with {err!r}. Return picklable "
+                    "data",
+                    err,
+                    result,
                 )
             )
+        except BaseException as err:  # SystemExit from a __reduce__: the task's error, as locally
+            return _error_reply(err)
 
 
 def _error_reply(err: BaseException) -> tuple[int, bytes]:
