@@ -29,6 +29,13 @@ $(VENV)/.stamp-%: pyproject.toml
 	$(PY) -m pip install -q -e '.[$*]'
 	@touch $@
 
+# The ray extra, for the Ray backend's tests and benchmark. Where Ray cannot be installed
+# (no wheel for this Python or platform) this says so and goes on: those tests then skip,
+# saying why.
+$(VENV)/.stamp-ray: pyproject.toml $(VENV)/.stamp-test,lint
+	$(PY) -m pip install -q -e '.[ray]' || echo "Ray cannot be installed here: the Ray backend's tests will be skipped"
+	@touch $@
+
 # DEMO_ARGS adds bench options, e.g. DEMO_ARGS="--plot bench.png" or "--size 1GiB".
 demo: $(VENV)/.stamp-demo
 	$(VENV)/bin/forkref bench --quick $(DEMO_ARGS)
@@ -41,7 +48,7 @@ lint: $(VENV)/.stamp-test,lint
 	$(VENV)/bin/ruff check src tests benchmarks conformance
 	$(VENV)/bin/mypy --strict src/forkref
 
-unit: $(VENV)/.stamp-test,lint
+unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 smoke:
@@ -51,7 +58,9 @@ smoke:
 	  venv=.venv-$$v; \
 	  if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
 	    $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
-	    $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; \
+	    $$venv/bin/python -m pip install -q -e '.[test]' && \
+	    { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "smoke: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
+	    touch $$venv/.stamp; \
 	  fi; \
 	  echo "smoke: Python $$v ($$py)"; \
 	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
@@ -74,12 +83,13 @@ conformance:
 	$$venv/bin/python -m conformance $(CONFORMANCE_ARGS)
 
 # Every benchmark, one after the other on a quiet machine (about 10 minutes);
-# ray joins bench_shm.py when installed (pip install ray).
-bench: $(VENV)/.stamp-bench
+# ray joins bench_shm.py when installed (pip install ray), and bench_ray.py needs it.
+bench: $(VENV)/.stamp-bench $(VENV)/.stamp-ray
 	@mkdir -p benchmarks/results
 	$(PY) benchmarks/bench_core.py --json benchmarks/results/core.json | tee benchmarks/results/core.txt
 	$(PY) benchmarks/bench_pools.py | tee benchmarks/results/pools.txt
 	$(PY) benchmarks/bench_shm.py | tee benchmarks/results/shm.txt
+	$(PY) benchmarks/bench_ray.py | tee benchmarks/results/ray.txt
 	$(PY) benchmarks/bench_cow.py --json benchmarks/results/cow.json | tee benchmarks/results/cow.txt
 	$(PY) benchmarks/bench_share_anywhere.py --json benchmarks/results/share_anywhere.json | tee benchmarks/results/share_anywhere.txt
 

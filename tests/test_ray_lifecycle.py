@@ -20,6 +20,7 @@ from ray_harness import no_leftovers  # noqa: F401  (the fixture)
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.mark.smoke
 def test_without_ray_the_error_gives_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(forkref.Error, match=r"pip install 'forkref\[ray\]'"):
@@ -34,6 +35,7 @@ def cpus_of_the_cluster(_: object = None) -> float:
     return float(ray.cluster_resources()["CPU"])
 
 
+@pytest.mark.smoke
 def test_no_address_starts_a_local_ray_sized_to_the_pool_and_stops_it() -> None:
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'forkref[ray]'")
     assert not ray.is_initialized()

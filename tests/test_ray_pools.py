@@ -292,3 +292,11 @@ def test_context_does_not_apply() -> None:
     # Ray starts its own workers: the multiprocessing context is accepted and unused.
     with forkref.Pool(1, context=multiprocessing.get_context("spawn"), backend="ray") as p:
         assert p.apply(sqr, (4,)) == 16
+
+
+def test_a_cluster_with_fewer_cpus_than_workers_is_refused_clearly() -> None:
+    with (
+        forkref.Pool(3, backend="ray") as p,  # the module's Ray has 2 CPUs
+        pytest.raises(forkref.Error, match=r"has 2 CPUs .* 3 workers needs 3"),
+    ):
+        p.apply(sqr, (2,))
