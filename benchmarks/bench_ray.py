@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -282,16 +283,16 @@ def report(
         "seconds from handing the frame over to the last result"
     )
     header = (
-        f"{'peer':<34} {'first s':>8} {'best s':>8} {'store peak MiB':>15} "
-        f"{'worker USS MiB':>16}"
+        f"{'peer':<34} {'rounds':>6} {'first s':>8} {'best s':>8} {'median s':>9} "
+        f"{'store peak MiB':>15} {'worker USS MiB':>16}"
     )
     print(header)
     print("-" * len(header))
     for name, run in runs.items():
         uss = " ".join(f"{u / MiB:,.0f}" for u in sorted(run.uss.values(), reverse=True)[:4])
         print(
-            f"{name:<34} {run.seconds[0]:>8.3f} {min(run.seconds):>8.3f} "
-            f"{run.store_peak / MiB:>15,.0f} {uss:>16}"
+            f"{name:<34} {len(run.seconds):>6} {run.seconds[0]:>8.3f} {min(run.seconds):>8.3f} "
+            f"{statistics.median(run.seconds):>9.3f} {run.store_peak / MiB:>15,.0f} {uss:>16}"
         )
     ours = min(runs["forkref.Pool(backend='ray')"].seconds)
     by_hand = min(runs["hand-written ray.put + remote"].seconds)
