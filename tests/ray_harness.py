@@ -195,12 +195,23 @@ def ray_processes_alive() -> list[str]:
     return found
 
 
+def _kept(proc: psutil.Process) -> bool:
+    """Whether ``proc`` belongs to a kept Ray instance: it or an ancestor is a kept child.
+
+    By ancestry, not by a list made beforehand: the raylet starts new idle
+    workers at any moment (after an actor ends, for instance).
+    """
+    try:
+        return proc.pid in KEPT or any(p.pid in KEPT for p in proc.parents())
+    except psutil.NoSuchProcess:
+        return True  # gone already
+
+
 def _stray() -> list[psutil.Process]:
-    kept = {p.pid for p in _tree(set(KEPT))}
     stray = []
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
-            if child.pid in kept or child.status() == psutil.STATUS_ZOMBIE:
+            if _kept(child) or child.status() == psutil.STATUS_ZOMBIE:
                 continue
             if any(n in " ".join(child.cmdline()) for n in ("forkserver", "resource_tracker")):
                 continue
