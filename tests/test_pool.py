@@ -427,13 +427,13 @@ def test_late_objects_get_a_fresh_generation() -> None:
 
 
 def test_foreign_thread_warns_once_in_forkrefs_words() -> None:
-    import forkref._forking as workers
+    import forkref._threads as threads
 
     stop = threading.Event()
     t = threading.Thread(target=stop.wait, name="some-user-thread")
     t.start()
-    saved = workers._warned
-    workers._warned = False
+    saved = set(threads._warned_sites)
+    threads._warned_sites.clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -446,7 +446,7 @@ def test_foreign_thread_warns_once_in_forkrefs_words() -> None:
         assert ours[0].filename == __file__
         assert not [w for w in caught if "multi-threaded" in str(w.message)]
     finally:
-        workers._warned = saved
+        threads._warned_sites.update(saved)
         stop.set()
         t.join()
 

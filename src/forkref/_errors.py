@@ -232,8 +232,9 @@ class ForkWarning(RuntimeWarning):
     """A forkref pool forked its workers while other Python threads were running.
 
     A thread that holds a lock at the moment of ``fork()`` leaves it locked
-    forever in the child. Issued once per process, in place of Python 3.12's
-    generic ``DeprecationWarning``.
+    forever in the child. Issued once per call site, in place of Python 3.12's
+    generic ``DeprecationWarning``; an IPython kernel's own threads do not
+    count (see the README's "In notebooks").
     """
 
     __module__ = "forkref"

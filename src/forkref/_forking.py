@@ -9,9 +9,12 @@ that one ``fork()``:
   exists in the child and none holds a forkref lock there;
 * ``gc.freeze()`` is on (:func:`frozen_gc`), so the child's collections never
   scan, and so never dirty, the parent's objects;
-* threads that are not forkref's are reported once by a
-  :class:`~forkref.ForkWarning` in forkref's words, instead of Python 3.12's
-  generic multi-threaded-fork ``DeprecationWarning``.
+* threads that are not forkref's (nor an IPython kernel's own) are reported
+  by a :class:`~forkref.ForkWarning` in forkref's words, once per call site
+  (:mod:`forkref._threads`), instead of Python 3.12's generic
+  multi-threaded-fork ``DeprecationWarning``;
+* stdout and stderr are flushed, and a kernel's stream locks held, across
+  the ``os.fork()`` itself (``_threads.fork_safe_stdio``).
 
 :func:`fork_child` does the fork itself and runs the child's main function,
 which never returns. Everything here runs in the parent; the child only gets
@@ -36,7 +39,8 @@ from collections.abc import Callable, Iterator
 from multiprocessing.context import BaseContext
 from typing import Any, NoReturn, Protocol
 
-from forkref._errors import ForkError, ForkWarning
+from forkref import _threads
+from forkref._errors import ForkError
 
 __all__ = [
     "FORK_LOCK",
@@ -74,7 +78,6 @@ _PAUSABLE: weakref.WeakSet[Any] = weakref.WeakSet()
 #: they return from user callbacks, so they count as foreign at a fork.
 DETACHED: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 _local = threading.local()
-_warned = False
 
 
 def register_pausable(part: Pausable) -> None:
@@ -159,7 +162,8 @@ def fork_child(child_main: Callable[[], object], what: str) -> int:
                 "ignore", message=".*multi-threaded.*fork", category=DeprecationWarning
             )
         try:
-            pid = os.fork()
+            with _threads.fork_safe_stdio():  # no pending output, no held stream lock
+                pid = os.fork()
         except OSError as err:
             raise ForkError(
                 f"cannot fork {what}: {err!r}; the task was not run. Free memory or processes "
@@ -227,8 +231,7 @@ def _native_threads() -> int:
 
 
 def _warn_foreign_threads() -> bool:
-    """Warn once if foreign threads run; True if threads other than forkref's paused ones run."""
-    global _warned
+    """Warn about foreign threads; True if threads other than forkref's paused ones run."""
     # Threads named "forkref-*" belong to forkref's parts, which stop them
     # themselves (paused above, or in their own os.register_at_fork hooks).
     current = threading.current_thread()
@@ -236,21 +239,5 @@ def _warn_foreign_threads() -> bool:
         t for t in threading.enumerate() if t is not current and not t.name.startswith("forkref-")
     ]
     detached = [t for t in list(DETACHED) if t.is_alive() and t is not current]
-    if not others or _warned:
-        return bool(others or detached) or _native_threads() > threading.active_count()
-    _warned = True
-    names = ", ".join(sorted(t.name for t in others)[:5])
-    frame = sys._getframe(1)
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("forkref"):
-        frame = frame.f_back
-    warnings.warn_explicit(
-        f"forkref is forking pool workers while {len(others)} other thread(s) run in this "
-        f"process ({names}); a lock held by one of them at the fork stays locked forever in "
-        "the workers. Create the pool and submit the first task before starting threads, or "
-        "pass context=multiprocessing.get_context('forkserver')",
-        ForkWarning,
-        frame.f_code.co_filename,
-        frame.f_lineno,
-        module=frame.f_globals.get("__name__", "?"),
-    )
-    return True
+    _threads.warn_foreign_threads(_threads.threads_to_warn_about(others))
+    return bool(others or detached) or _native_threads() > threading.active_count()

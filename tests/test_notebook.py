@@ -1,0 +1,146 @@
+"""forkref in a real IPython kernel, driven by nbclient as Jupyter drives it.
+
+Each test starts its own kernel (this interpreter, see :mod:`kernel_harness`)
+and kills it with every process it started at the end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fork_while_printing import measure
+from kernel_harness import Kernel, execute, notebook, running_kernel, stream_text
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[Kernel]:
+    before = set(threading.enumerate())
+    with running_kernel(tmp_path) as started:
+        yield started
+    # Threads left behind would make forkref warn in every later test.
+    assert set(threading.enumerate()) <= before
+
+
+def _json_lines(cell: Any) -> list[Any]:
+    lines = stream_text(cell).splitlines()
+    return [json.loads(line) for line in lines if line.startswith(("{", "["))]
+
+
+# -- the kernel's threads and ForkWarning -------------------------------------------
+
+THREADS = """
+import json, threading, warnings
+import forkref
+from forkref import _threads
+
+def judged():
+    me = threading.current_thread()
+    others = [t for t in threading.enumerate() if t is not me]
+    return {
+        "kernel": sorted(t.name for t in _threads.kernel_threads()),
+        "warn": sorted(t.name for t in _threads.threads_to_warn_about(others)),
+    }
+
+def fork_a_pool():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with forkref.Pool(2) as pool:
+            assert pool.map(abs, [-1, -2]) == [1, 2]
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+print(json.dumps(judged()))
+print(json.dumps(fork_a_pool()))
+"""
+
+USER_THREAD = """
+stop = threading.Event()
+user = threading.Thread(target=stop.wait, name="user-thread")
+user.start()
+print(json.dumps(judged()))
+print(json.dumps([fork_a_pool(), fork_a_pool()]))  # one call site: one warning
+stop.set()
+user.join()
+"""
+
+
+def test_kernel_threads_are_recognised_and_do_not_warn(kernel: Kernel) -> None:
+    nb = execute(kernel, notebook([THREADS, USER_THREAD]))
+    alone, no_warnings = _json_lines(nb.cells[0])
+    for name in ("Heartbeat", "Control", "Shell channel", "IOPub", "IPythonHistorySavingThread"):
+        assert name in alone["kernel"]
+    assert sum("_watch_pipe_fd" in name for name in alone["kernel"]) == 2  # stdout, stderr
+    assert alone["warn"] == []  # every thread but the main one is the kernel's
+    assert no_warnings == []  # nor Python 3.12's multi-threaded fork DeprecationWarning
+
+    with_user, (first, second) = _json_lines(nb.cells[1])
+    assert with_user["warn"] == ["user-thread"]
+    assert with_user["kernel"] == alone["kernel"]
+    assert len(first) == 1
+    assert first[0].startswith("ForkWarning: forkref is forking pool workers while 1 other")
+    assert "user-thread" in first[0]
+    assert "Heartbeat" not in first[0]
+    assert second == []  # the same call site again
+
+
+# -- fork while another cell's thread prints -----------------------------------------
+
+HOLDER = """
+import sys, threading, time, warnings
+import forkref
+warnings.simplefilter("ignore", forkref.ForkWarning)  # the holder thread is foreign
+stop = threading.Event()
+
+def hold():  # holds the stream lock most of the time, as a print() preempted inside it does
+    while not stop.is_set():
+        with sys.stdout._buffer_lock:
+            time.sleep(0.05)
+        time.sleep(0.0001)  # long enough for the IOPub thread to take it, not much longer
+
+holder = threading.Thread(target=hold, name="holder")
+holder.start()
+
+def shout(i):
+    print("shout %d" % i)
+    return i
+
+try:
+    for _ in range(3):
+        with forkref.Pool(2) as pool:
+            assert pool.map_async(shout, range(4), chunksize=1).get(timeout=60) == [0, 1, 2, 3]
+finally:
+    stop.set()
+    holder.join()
+"""
+
+
+def test_a_stream_lock_held_at_the_fork_does_not_hang_the_workers(kernel: Kernel) -> None:
+    """Deterministic version of the hazard the measurement below finds by chance.
+
+    A thread holds ``sys.stdout``'s lock almost all the time. Without
+    forkref taking it around the fork, the workers would inherit it held and
+    hang at their ``print()`` (the map would time out and the cell fail).
+    """
+    nb = execute(kernel, notebook([HOLDER]))
+    # Workers' lines may run together: each print() is two writes, sent as they come.
+    shouts = re.findall(r"shout \d", stream_text(nb.cells[0]))
+    assert sorted(shouts) == sorted(f"shout {i}" for i in range(4) for _ in range(3))
+
+
+def test_forking_pools_while_another_cells_thread_prints(kernel: Kernel) -> None:
+    """The measurement of forkref/_threads.py, small: no child hangs, no lock inherited held."""
+    m = measure(kernel, pools=60, raw_forks=200, timeout=60)
+    assert m.pools == 60
+    assert m.forks == 180
+    assert m.hung == 0
+    assert m.held == 0
+    assert m.worker_lines == 4 * 60  # every worker's print reached the cell
+    assert m.raw_held_locked == 0
+    assert m.chatter_lines > 0
+
