@@ -41,6 +41,12 @@ pickled (a lock, a socket) goes by reference as a whole: registered once
 for as long as it lives, and a task that uses it after the workers forked
 makes the pool fork a fresh generation.
 
+**``__main__`` by value** (spawn and forkserver): functions, lambdas and
+classes defined in ``__main__`` (a notebook, ``python -c``, a script) are
+pickled by value with cloudpickle, as loky does, because those workers'
+``__main__`` is not the parent's. Everything else keeps the stdlib's rules:
+functions and classes of importable modules go by qualified name.
+
 Non-goals: big *builtin* values nested inside a custom object's attributes
 below the first level are pickled (pass ``forkref.share(obj)`` for those).
 """
@@ -53,6 +59,7 @@ import importlib
 import io
 import itertools
 import marshal
+import os
 import pickle
 import sys
 import threading
@@ -248,6 +255,8 @@ class TaskEncoder:
             if self.fork and not _importable(obj):
                 by_value = self._function_by_value(obj)
                 return by_value if by_value is not None else self._by_reference(obj)
+            if not self.fork and getattr(obj, "__module__", None) == "__main__":
+                return _main_by_value(obj)
             return NotImplemented
         if isinstance(obj, ByReference):
             return NotImplemented
@@ -315,7 +324,13 @@ class TaskEncoder:
         if culprit is None:
             culprit, obj = "the task", data
         what = f"{culprit} ({type(obj).__module__}.{type(obj).__qualname__})"
-        if culprit == "the function" and not self.fork:
+        if culprit == "the function" and not self.fork and _defined_in_main(fn):
+            fix = (
+                "it is defined in __main__, so it travels by value (cloudpickle) with the "
+                "globals it uses: pass the unpicklable ones as arguments, make them picklable, "
+                "or use the 'fork' context (forkref's default)"
+            )
+        elif culprit == "the function" and not self.fork:
             fix = (
                 f"the {self.start_method!r} start method pickles functions by qualified name, so "
                 "define it at module level, or use the 'fork' context (forkref's default)"
@@ -354,6 +369,85 @@ class TaskEncoder:
         except Exception:
             return False
         return True
+
+
+def _defined_in_main(fn: Any) -> bool:
+    return getattr(fn, "__module__", None) == "__main__" or (
+        isinstance(fn, functools.partial) and _defined_in_main(fn.func)
+    )
+
+
+def _main_by_value(obj: Any) -> Any:
+    """The reduce value of a function or class of ``__main__`` for spawn/forkserver workers.
+
+    Their ``__main__`` is not the parent's: a notebook or ``python -c`` has no
+    file for them to import, so pickling by name fails there ("Can't get
+    attribute 'colsum' on <module '__main__'>"). Like loky, send it by value
+    with cloudpickle, the library made for this (code, closure, and the
+    globals it uses). What the workers can import by name still goes by name:
+    objects of importable modules, and those of a script's ``__main__``, which
+    spawn workers re-import (the stdlib's rule, so a script behaves as before;
+    only its lambdas and local functions go by value).
+    """
+    importable_main = _main_importable()
+    if importable_main and _importable(obj):
+        return NotImplemented
+    buf = io.BytesIO()
+    pickler = _main_pickler_class()(buf, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.importable_main = importable_main
+    pickler.dump(obj)
+    return (_load_main_by_value, (buf.getvalue(),))
+
+
+def _main_importable() -> bool:
+    """Whether spawn workers re-import ``__main__`` (multiprocessing.spawn's own test)."""
+    main = sys.modules["__main__"]
+    if getattr(getattr(main, "__spec__", None), "name", None) is not None:
+        return True
+    path = getattr(main, "__file__", None)
+    return isinstance(path, str) and os.path.isfile(path)
+
+
+@functools.cache
+def _main_pickler_class() -> Any:
+    # A dependency (untyped), imported the first time a __main__ object travels.
+    import cloudpickle  # type: ignore[import-untyped]
+
+    class MainPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        """cloudpickle, except that what a script's workers import by name goes by name."""
+
+        importable_main = False
+
+        def reducer_override(self, obj: Any) -> Any:
+            by_name = self.importable_main and isinstance(obj, (types.FunctionType, type))
+            if by_name and _importable(obj):
+                return NotImplemented
+            return super().reducer_override(obj)
+
+    return MainPickler
+
+
+def _load_main_by_value(blob: bytes) -> Any:
+    """In a worker: rebuild a ``__main__`` object and make it findable there by name.
+
+    A result (or exception) of a notebook class is pickled by name in the
+    worker. So the object, and the ``__main__`` functions and classes it
+    brought along as globals, are set in the worker's ``__main__`` (never
+    replacing a name already there); the parent then unpickles the result as
+    an instance of its own class.
+    """
+    obj = pickle.loads(blob)
+    functions = [obj] if isinstance(obj, types.FunctionType) else []
+    if isinstance(obj, type):
+        functions = [f for f in vars(obj).values() if isinstance(f, types.FunctionType)]
+    brought = [obj, *(g for f in functions for g in f.__globals__.values())]
+    main = vars(sys.modules["__main__"])
+    for found in brought:
+        name = getattr(found, "__qualname__", "")
+        mains = isinstance(found, (type, types.FunctionType)) and found.__module__ == "__main__"
+        if mains and name.isidentifier():
+            main.setdefault(name, found)
+    return obj
 
 
 _trial = threading.local()  # functions whose captured values are being tried, per thread
