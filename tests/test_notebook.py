@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 
 from fork_while_printing import measure
@@ -144,3 +145,71 @@ def test_forking_pools_while_another_cells_thread_prints(kernel: Kernel) -> None
     assert m.raw_held_locked == 0
     assert m.chatter_lines > 0
 
+
+# -- a notebook, as a user runs it ------------------------------------------------------
+
+TOUR = Path(__file__).parent / "notebooks" / "forkref_tour.ipynb"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.mark.smoke
+def test_the_tour_notebook_runs_clean(kernel: Kernel) -> None:
+    """Fork and spawn, share(), lambdas, the executor, a worker's print, a task exception."""
+    nb = execute(kernel, nbformat.read(TOUR, as_version=4))
+    cells = {cell.id: cell for cell in nb.cells if cell.cell_type == "code"}
+    # No warning of any kind: the kernel's threads are not foreign, and forkref's
+    # forks do not trigger Python 3.12's multi-threaded fork DeprecationWarning.
+    assert {name: stream_text(c, "stderr") for name, c in cells.items()} == dict.fromkeys(cells, "")
+    assert stream_text(cells["fork"]) == "fork: [4999950000.0, 100000.0]\n"
+    said = re.findall(r"worker says \d", stream_text(cells["executor"]))
+    assert sorted(said) == ["worker says 0", "worker says 1", "worker says 2"]
+    assert stream_text(cells["spawn"]) == "spawn: [4999950000.0, 100000.0]\n"
+
+    (error,) = [o for o in cells["error"].outputs if o.output_type == "error"]
+    assert (error.ename, error.evalue) == ("ValueError", "bad value 7")
+    traceback = _ANSI.sub("", "\n".join(error.traceback))
+    assert "RemoteTraceback" in traceback  # the worker's traceback, as the cause
+    assert 'raise ValueError(f"bad value {x}")' in traceback
+    assert "pool.apply(fails, (7,))" in traceback  # and the cell's line
+
+
+# -- progress bars: tqdm.auto, which forkref's progress=True builds on -----------------
+
+PROGRESS = """
+from tqdm.auto import tqdm
+total = 0
+for i in tqdm(range(5), desc="tasks"):
+    total += i
+assert total == 10
+"""
+NO_WIDGETS = """
+import sys
+sys.modules["ipywidgets"] = None  # as if it were not installed: importing it fails
+"""
+
+
+def test_tqdm_auto_renders_a_widget_in_a_kernel(kernel: Kernel) -> None:
+    nb = execute(kernel, notebook([PROGRESS]))
+    cell = nb.cells[0]
+    (shown,) = [o for o in cell.outputs if o.output_type == "display_data"]
+    view = shown.data["application/vnd.jupyter.widget-view+json"]
+    state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    assert state[view["model_id"]]["model_name"] == "HBoxModel"  # tqdm's bar: text, bar, text
+    models = [m for m in state.values() if m["model_name"] == "FloatProgressModel"]
+    assert [(m["state"]["value"], m["state"]["max"]) for m in models] == [(5.0, 5.0)]
+    html = [m["state"]["value"] for m in state.values() if m["model_name"] == "HTMLModel"]
+    texts = sorted(t.replace("\u2007", " ") for t in html)  # tqdm pads with figure spaces
+    assert texts[0].startswith(" 5/5 ["), texts
+    assert texts[1] == "tasks: 100%", texts
+    assert stream_text(cell, "stderr") == ""  # no text bar besides the widget
+
+
+def test_tqdm_auto_degrades_to_text_without_ipywidgets(kernel: Kernel) -> None:
+    nb = execute(kernel, notebook([NO_WIDGETS + PROGRESS]))
+    cell = nb.cells[0]
+    assert not [o for o in cell.outputs if o.output_type == "display_data"]
+    text = stream_text(cell, "stderr")
+    assert "IProgress not found" in text  # tqdm says why it fell back
+    final = text.rsplit("\r", 1)[-1]
+    assert final.startswith("tasks: 100%|"), final
+    assert " 5/5 " in final
