@@ -353,6 +353,7 @@ class Dispatcher:
                     continue
                 gen.workers.remove(w)
                 self._worker_gone(w, completions)
+                self._engine.launcher.retire_channel(w.channel)
         generations.prune()
 
     def _status_may_come(self, gen: Generation, w: Worker, now: float) -> bool:

@@ -274,6 +274,10 @@ class Launcher(abc.ABC):
         """No more workers from ``gen``; its server exits once its workers have."""
         return None
 
+    def retire_channel(self, channel: Channel) -> None:
+        """Worker ``channel`` is gone and forgotten by the engine (reap what needs reaping)."""
+        return None
+
     def kill_all(self, gen: Generation) -> None:
         """Kill every worker of ``gen`` now."""
         for w in gen.workers:
@@ -310,9 +314,20 @@ class ProcessChannel(SocketChannel):
             self.process.kill()
 
     def exit_status(self) -> int | None:
-        self.process.join(0)
-        code: int | None = self.process.exitcode
-        return code
+        # Read without reaping (WNOWAIT): code that holds this Process (the
+        # executor's _processes) may join it at the same moment, and two
+        # threads reaping one child make one of them see it alive after join().
+        known: int | None = self.process._popen.returncode
+        if known is not None:
+            return known
+        try:
+            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped by its owner meanwhile
+            reaped: int | None = self.process._popen.returncode
+            return reaped
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 class ProcessLauncher(Launcher):
@@ -362,6 +377,11 @@ class ProcessLauncher(Launcher):
             channel = w.channel
             if isinstance(channel, ProcessChannel):
                 channel.process.join(timeout)
+
+    def retire_channel(self, channel: Channel) -> None:
+        """A worker is gone: reap its process (its exit status was read without reaping)."""
+        if isinstance(channel, ProcessChannel):
+            channel.process.join(0)
 
     def close(self) -> None:
         # The initializer's arguments may be anything of the caller's (a Queue

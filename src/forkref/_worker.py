@@ -216,9 +216,10 @@ def _unpickle_failure(err: BaseException, start_method: str) -> str:
             "after the pool's first task is not there: define it before the first task"
         )
     return (
-        f"{head} A worker started by {start_method!r} imports every function and class of "
-        "the task by name. Define them at the top level of an importable module (not in "
-        "__main__ of an interactive session), or use the 'fork' start method"
+        f"{head} A worker started by {start_method!r} imports by name the functions and "
+        "classes of the task that belong to a module (those of __main__ travel by value), "
+        "so that module must be importable there: on the worker's sys.path, or installed. "
+        "Or use the 'fork' start method"
     )
 
 
