@@ -26,7 +26,10 @@ copy-on-write pages and are never seen by the parent or other workers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -34,7 +37,7 @@ from forkref import _export
 from forkref._errors import Error, NotInheritedError, ReleasedError
 from forkref._registry import Reference, note_reference, registry
 
-__all__ = ["Shared", "Unavailable", "share"]
+__all__ = ["Shared", "Unavailable", "share", "supplied"]
 
 T = TypeVar("T")
 
@@ -233,8 +236,37 @@ for _name in (
 del _name
 
 
+#: Objects handed to this process for the task it is running, by Reference. A
+#: worker that holds no registry of the sharing process (a Ray actor: the objects
+#: arrive through Ray's object store) sets it around the unpickling of a task.
+_SUPPLIED: contextvars.ContextVar[Mapping[Reference, object] | None] = contextvars.ContextVar(
+    "forkref_supplied", default=None
+)
+
+
+@contextlib.contextmanager
+def supplied(objects: Mapping[Reference, object]) -> Iterator[None]:
+    """Within the block, :func:`_resolve` gives ``objects[ref]`` for the references it holds.
+
+    Consulted before the registry: the table is filled by the worker itself
+    from what the driver sent with the task, keyed by the whole Reference
+    (MAC included), so a task resolves only the references it carried.
+    """
+    token = _SUPPLIED.set(objects)
+    try:
+        yield
+    finally:
+        _SUPPLIED.reset(token)
+
+
 def _resolve(ref: Reference) -> object:
     """Unpickling hook of a handle: the object, or a placeholder. Never raises."""
+    objects = _SUPPLIED.get()
+    if objects is not None:
+        try:
+            return objects[ref]
+        except (KeyError, TypeError):  # not carried (or not a Reference): the usual way
+            pass
     try:
         return registry().lookup(ref)
     except NotInheritedError as err:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from forkref._wire import FN, FNID, HDR, OWN_FDS, STOP, TASK, close_fd, read_messages, send
 from forkref._wire import send_buffer as _send_buffer
-from forkref._worker import WorkerSetup, spawned_worker_main
+from forkref._worker import MAX_FUNCTIONS, WorkerSetup, spawned_worker_main
 
 if TYPE_CHECKING:
     from forkref._autoshare import AutoSharer
@@ -69,7 +69,6 @@ __all__ = [
 #: Exit status of a spawn/forkserver child that tried to use a pool while it was
 #: still importing the parent's main module (see forkref._engine.check_main_guard).
 MAIN_GUARD_EXIT = 78
-_MAX_FUNCTIONS = 32  # as many as a worker keeps (forkref._worker._MAX_FUNCTIONS)
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,7 @@ class SocketChannel(Channel):
         if fn.id not in self._functions:
             send(self.fd, HDR.pack(fn.id, FN), fn.blob)
             self._functions[fn.id] = None
-            if len(self._functions) > _MAX_FUNCTIONS:
+            if len(self._functions) > MAX_FUNCTIONS:
                 self._functions.popitem(last=False)
         send(self.fd, HDR.pack(task.id, TASK), FNID.pack(fn.id), task.payload)
 

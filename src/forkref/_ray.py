@@ -63,11 +63,10 @@ from forkref._autoshare import AutoSharer
 from forkref._errors import Error, NotInheritedError, TaskPicklingError, WorkerDiedError
 from forkref._launcher import Channel, Launcher, LaunchError
 from forkref._memory import MemoryReport, ProcessMemory, memory_report
-from forkref._ray_worker import MAX_FUNCTIONS
 from forkref._registry import Reference, registry
 from forkref._taskpickle import FnBlob, TaskEncoder
 from forkref._wire import ERR, HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
-from forkref._worker import WorkerSetup
+from forkref._worker import MAX_FUNCTIONS, WorkerSetup
 
 if TYPE_CHECKING:
     from forkref._generations import Generation

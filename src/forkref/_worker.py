@@ -54,9 +54,21 @@ from forkref._wire import (
     send,
 )
 
-__all__ = ["ParentWatch", "WorkerSetup", "flush_stdio", "spawned_worker_main", "worker_loop"]
+__all__ = [
+    "MAX_FUNCTIONS",
+    "Functions",
+    "ParentWatch",
+    "WorkerSetup",
+    "error_reply",
+    "execute",
+    "flush_stdio",
+    "spawned_worker_main",
+    "worker_loop",
+]
 
-_MAX_FUNCTIONS = 32  # the parent's channel keeps the same count (see _launcher.SocketChannel)
+#: Pickled functions a worker keeps; a channel in the parent counts the same, and both
+#: drop the oldest first, so they always agree on what the worker has.
+MAX_FUNCTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,7 @@ def worker_loop(fd: int, setup: WorkerSetup) -> None:
     if not _initialize(fd, setup):
         return
     send(fd, HDR.pack(0, READY))
-    functions = _Functions()
+    functions = Functions()
     done = 0
     while setup.max_tasks is None or done < setup.max_tasks:
         try:
@@ -144,7 +156,7 @@ def _flush_before_reporting() -> None:
         multiprocessing.util._run_finalizers()  # type: ignore[attr-defined]
 
 
-class _Functions:
+class Functions:
     """The pickled functions this worker was sent, by id (the parent evicts in the same order)."""
 
     def __init__(self) -> None:
@@ -153,7 +165,7 @@ class _Functions:
 
     def add(self, fn_id: int, blob: bytes) -> None:
         self._blobs[fn_id] = blob
-        if len(self._blobs) > _MAX_FUNCTIONS:
+        if len(self._blobs) > MAX_FUNCTIONS:
             oldest = next(iter(self._blobs))
             del self._blobs[oldest]
             self._loaded.pop(oldest, None)
@@ -168,13 +180,28 @@ class _Functions:
         return fn
 
 
-def _run_task(functions: _Functions, body: memoryview, setup: WorkerSetup) -> tuple[int, bytes]:
+def _run_task(functions: Functions, body: memoryview, setup: WorkerSetup) -> tuple[int, bytes]:
     try:
         (fn_id,) = FNID.unpack_from(body)
         kind, data = pickle.loads(body[FNID.size :])
         fn = functions.get(fn_id)
     except BaseException as err:
-        return _error_reply(Error(_unpickle_failure(err, setup.start_method)))
+        return error_reply(Error(_unpickle_failure(err, setup.start_method)))
+    return execute(kind, fn, data)
+
+
+def _dumps(obj: object) -> bytes:
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def execute(
+    kind: int, fn: Any, data: Any, dumps: Callable[[object], bytes] = _dumps, who: str = "worker"
+) -> tuple[int, bytes]:
+    """Run one unpickled task; its reply: ``(OK, pickled result)`` or ``(ERR, ...)``.
+
+    Every worker runs its tasks through here (a Ray actor with its own
+    ``dumps`` and ``who``): whatever is raised, the task gets a reply.
+    """
     try:
         if kind == CALL:
             args, kwargs = data
@@ -184,22 +211,23 @@ def _run_task(functions: _Functions, body: memoryview, setup: WorkerSetup) -> tu
         else:
             result = list(itertools.starmap(fn, data))
     except BaseException as err:
-        return _error_reply(err)
+        return error_reply(err, dumps)
     del data, fn
     try:
-        return OK, pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+        return OK, dumps(result)
     except Exception as err:
         cls = type(result)
-        return _error_reply(
+        return error_reply(
             ResultPicklingError(
-                f"cannot send the result ({cls.__module__}.{cls.__qualname__}) back from worker "
+                f"cannot send the result ({cls.__module__}.{cls.__qualname__}) back from {who} "
                 f"pid {os.getpid()}: pickling failed with {err!r}. Return picklable data",
                 err,
                 result,
-            )
+            ),
+            dumps,
         )
     except BaseException as err:  # SystemExit from a __reduce__: the task's error, as the stdlib
-        return _error_reply(err)
+        return error_reply(err, dumps)
 
 
 def _unpickle_failure(err: BaseException, start_method: str) -> str:
@@ -223,11 +251,12 @@ def _unpickle_failure(err: BaseException, start_method: str) -> str:
     )
 
 
-def _error_reply(err: BaseException) -> tuple[int, bytes]:
+def error_reply(err: BaseException, dumps: Callable[[object], bytes] = _dumps) -> tuple[int, bytes]:
+    """``(ERR, pickled (exception, traceback text))``; a stand-in if ``err`` cannot be pickled."""
     tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     tb = f'\n"""\n{tb}"""'
     try:
-        return ERR, pickle.dumps((err, tb), pickle.HIGHEST_PROTOCOL)
+        return ERR, dumps((err, tb))
     except BaseException as why:
         stand_in = Error(
             f"the task raised {type(err).__qualname__}: {str(err)[:1000]} "
