@@ -418,14 +418,7 @@ def _startup_failure(w: Worker, how: str, engine: Engine) -> str:
             f"worker pid {w.pid} was {how} while starting, before it could run any task, so "
             "the pool is broken; create a new pool"
         )
-    if method == "fork":
-        where = "in the pool's initializer"
-    else:
-        where = (
-            f"while starting: a worker started by {method!r} imports the main module and "
-            "unpickles the initializer before anything else, and its own traceback (above, "
-            "on stderr) names the error"
-        )
+    where = engine.launcher.startup_hint()
     return (
         f"worker pid {w.pid} exited ({how}) before it could run any task, {where}. The pool "
         "cannot start workers, so it is broken; fix that and create a new pool"

@@ -260,6 +260,10 @@ class Engine:
         if refs:
             for task in tasks:
                 task.refs = self.sharer.acquire(refs)
+            if not self.launcher.inherits:
+                # No generation fork ever releases idle automatic shares here (the
+                # objects travel through a store): release them as new ones come.
+                self.sharer.release_idle()
         try:
             self._ensure_generation(refs)
             self._check_accepting()

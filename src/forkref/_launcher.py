@@ -239,6 +239,16 @@ class Launcher(abc.ABC):
 
         return TaskEncoder(sharer, self.inherits, self.start_method)
 
+    def startup_hint(self) -> str:
+        """Where a worker that died before it could run a task failed, for the message."""
+        if self.start_method == "fork":
+            return "in the pool's initializer"
+        return (
+            f"while starting: a worker started by {self.start_method!r} imports the main module "
+            "and unpickles the initializer before anything else, and its own traceback (above, "
+            "on stderr) names the error"
+        )
+
     def memory(self, roles: dict[int, str]) -> MemoryReport:
         """Memory of the processes in ``roles`` (pid -> role), plus what the launcher adds."""
         from forkref._memory import memory_report

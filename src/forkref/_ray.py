@@ -737,6 +737,12 @@ class RayLauncher(Launcher):
             return True
         return bool(free >= self.actor_options.get("num_cpus", 1))
 
+    def startup_hint(self) -> str:
+        return (
+            "while Ray started its actor: the actor's log on its node (in the Ray session "
+            "directory, logs/worker-*.err) names the error"
+        )
+
     def memory(self, roles: dict[int, str]) -> RayMemoryReport:
         """The parent (psutil here), each actor (measured in the actor), each node's store."""
         parent = memory_report({os.getpid(): roles.get(os.getpid(), "parent")})
