@@ -258,6 +258,16 @@ def test_big_arguments_go_by_reference_as_in_the_local_pools() -> None:
         assert len(p._engine.launcher.objects) == 1
 
 
+def test_automatic_shares_of_a_loop_do_not_pile_up() -> None:
+    """No generation fork releases idle automatic shares on Ray: new ones do."""
+    with forkref.Pool(2, backend="ray") as p:
+        for i in range(6):
+            big = bytes([i]) * (2 * MiB)  # a new immutable object per call: by reference
+            assert p.apply(len, (big,)) == len(big)
+            del big
+        assert len(p._engine.sharer) <= 2  # the last one, and at most one not yet idle
+
+
 def test_many_tiny_tasks() -> None:
     with forkref.Pool(2, backend="ray") as p:
         assert p.map(abs, range(-1000, 0), chunksize=1) == list(range(1000, 0, -1))
