@@ -25,14 +25,20 @@ METHODS = ["fork", "forkserver", "spawn"]
 
 
 def _run(script: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """Run ``script`` in a session of its own; on a timeout, kill the whole session."""
+    proc = subprocess.Popen(
         [sys.executable, str(script)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
         start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its workers too: a hang must not leave them
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
