@@ -189,17 +189,10 @@ class RayTaskEncoder(TaskEncoder):
         super().__init__(sharer, fork=False, start_method="ray")
         self.pickler_class = _pickler_class()
 
-    def _explain(
-        self, kind: int, fn: Any, data: Any, err: Exception, offset: int
-    ) -> TaskPicklingError:
-        culprit, obj = self._find_culprit(kind, fn, data, offset)
-        if culprit is None:
-            culprit, obj = "the task", data
-        return TaskPicklingError(
-            f"cannot send {culprit} ({type(obj).__module__}.{type(obj).__qualname__}) to a Ray "
-            f"worker: pickling (cloudpickle) failed with {err!r}; make it picklable, or create "
-            "it in the worker (an initializer, or inside the task)"
-        )
+    destination = "a Ray worker (cloudpickle)"
+
+    def _fix(self, culprit: str, fn: Any) -> str:
+        return "make it picklable, or create it in the worker (an initializer, or inside the task)"
 
 
 _PICKLER: Any = None

@@ -203,11 +203,15 @@ class Registry:
         Raises:
             NotInheritedError: ``ref`` is not registered here.
         """
+        entry = self._registered(ref)
+        return entry.serial <= serial or 0 < entry.record_seq <= fork_seq
+
+    def _registered(self, ref: Reference) -> _Entry:
         with self.lock:
             entry = self._entries.get(ref.key)
         if entry is None or entry.ref != ref:
             raise NotInheritedError(self.describe(ref, _WHY_RELEASED, _FIX_RELEASED))
-        return entry.serial <= serial or 0 < entry.record_seq <= fork_seq
+        return entry
 
     def serial(self, ref: Reference) -> int:
         """Registration number of ``ref``: increasing, unique in this process tree branch.
@@ -215,10 +219,7 @@ class Registry:
         Raises:
             NotInheritedError: ``ref`` is not registered here.
         """
-        with self.lock:
-            entry = self._entries.get(ref.key)
-        if entry is None or entry.ref != ref:
-            raise NotInheritedError(self.describe(ref, _WHY_RELEASED, _FIX_RELEASED))
+        entry = self._registered(ref)
         return entry.serial
 
     def last_serial(self) -> int:

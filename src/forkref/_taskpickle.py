@@ -317,6 +317,9 @@ class TaskEncoder:
 
     # -- explaining a failure ------------------------------------------------
 
+    #: Who receives the task, in messages.
+    destination = "a worker"
+
     def _explain(
         self, kind: int, fn: Any, data: Any, err: Exception, offset: int
     ) -> TaskPicklingError:
@@ -324,26 +327,29 @@ class TaskEncoder:
         if culprit is None:
             culprit, obj = "the task", data
         what = f"{culprit} ({type(obj).__module__}.{type(obj).__qualname__})"
+        return TaskPicklingError(
+            f"cannot send {what} to {self.destination}: pickling failed with {err!r}; "
+            f"{self._fix(culprit, fn)}"
+        )
+
+    def _fix(self, culprit: str, fn: Any) -> str:
+        """What to do about an object of the task that cannot be pickled."""
         if culprit == "the function" and not self.fork and _defined_in_main(fn):
-            fix = (
+            return (
                 "it is defined in __main__, so it travels by value (cloudpickle) with the "
                 "globals it uses: pass the unpicklable ones as arguments, make them picklable, "
                 "or use the 'fork' context (forkref's default)"
             )
-        elif culprit == "the function" and not self.fork:
-            fix = (
+        if culprit == "the function" and not self.fork:
+            return (
                 f"the {self.start_method!r} start method pickles functions by qualified name, so "
                 "define it at module level, or use the 'fork' context (forkref's default)"
             )
-        elif self.fork:
-            fix = "pass it by reference with forkref.share(obj), or make it picklable"
-        else:
-            fix = (
-                f"make it picklable: workers started by {self.start_method!r} receive everything "
-                "by pickle"
-            )
-        return TaskPicklingError(
-            f"cannot send {what} to a worker: pickling failed with {err!r}; {fix}"
+        if self.fork:
+            return "pass it by reference with forkref.share(obj), or make it picklable"
+        return (
+            f"make it picklable: workers started by {self.start_method!r} receive everything "
+            "by pickle"
         )
 
     def _find_culprit(self, kind: int, fn: Any, data: Any, offset: int) -> tuple[str | None, Any]:
