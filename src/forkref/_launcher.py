@@ -331,9 +331,11 @@ class ProcessChannel(SocketChannel):
             return known
         try:
             info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # reaped by its owner meanwhile
-            reaped: int | None = self.process._popen.returncode
-            return reaped
+        except ChildProcessError:
+            # Not this process's child (a forkserver worker: the server sends its
+            # status down the sentinel, which Process reads), or just reaped.
+            code: int | None = self.process.exitcode
+            return code
         if info is None:
             return None
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
