@@ -16,19 +16,27 @@ One session (``pytest_configure`` .. ``pytest_unconfigure``):
 Each test (:func:`no_leftovers`) must leave no process of the session and no
 entry in the session's segment directory. Nothing here looks at machine-wide
 state: another run of the suite beside this one changes no outcome.
+
+A fork made while another thread runs fails the test that made it (Python
+3.12+ warns about it; see "forks from a multi-threaded process" below).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -36,13 +44,26 @@ import pytest
 from forkref import _shm
 
 SESSION_ENV = "FORKREF_TEST_SESSION"
+# pyarrow (imported with pandas) runs jemalloc with a background thread: a
+# native thread in this process, so Python 3.12+ warns at every stdlib fork
+# the tests make, and a warning caused by forkref's own threads would drown.
+# Read by jemalloc when pyarrow loads, which is after this module.
+_JEMALLOC_ENV = ("JE_ARROW_MALLOC_CONF", "background_thread:false")
 # Long-lived helpers the stdlib starts once per interpreter (this one's only).
 _STDLIB_HELPERS = ("forkserver", "resource_tracker", "semaphore_tracker")
+_FORK_WARNING = re.compile(r"is multi-threaded, use of fork\(\) may lead to deadlocks")
 
 _session: dict[str, str] = {}  # "token", "dir", and the environment it replaced
 
 
+class MultiThreadedForkError(AssertionError):
+    """A test forked while another thread ran (Python 3.12+'s DeprecationWarning)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "forks_with_threads: the test forks beside its own threads on purpose"
+    )
     parent = os.environ.get(_shm.ENV_DIR) or "/dev/shm"
     directory = tempfile.mkdtemp(prefix=f"forkref-tests-{os.getpid()}-", dir=parent)
     _session.update(
@@ -53,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     os.environ[_shm.ENV_DIR] = directory
     os.environ[SESSION_ENV] = _session["token"]
+    os.environ.setdefault(*_JEMALLOC_ENV)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -164,6 +186,116 @@ def no_leftovers() -> Iterator[None]:
                 os.unlink(path)
     assert not killed, f"test left processes running (killed now): {killed}"
     assert not new, f"test left entries in the segment directory {directory}: {new}"
+
+
+# -- forks from a multi-threaded process -----------------------------------------
+#
+# Python 3.12+ warns in the parent of a fork() made while other threads run
+# (a DeprecationWarning; os.fork() swallows it when a filter makes it an
+# error). Caught here with the threads alive at that moment, it fails the
+# test that forked, unless the test is marked forks_with_threads.
+#
+# One known cause is left, in forkref itself: once a handle has been pickled,
+# forkref._export runs the "forkref-export" thread; its fork hooks stop it
+# before a fork and _after_fork_parent restarts it, and Python 3.13 counts the
+# threads after those hooks (3.12 before them). So on 3.13 every plain fork
+# (a stdlib fork Pool or Process, os.fork) made after a handle was pickled
+# warns. Those tests are xfailed with that cause until forkref stops doing it.
+_KNOWN_CAUSE = (
+    "Python 3.13 counts forkref's export thread, restarted by "
+    "forkref._export._after_fork_parent inside os.fork()"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fork:
+    where: str
+    threads: tuple[str, ...]  # the other threads when fork() warned
+
+    def known(self) -> bool:
+        return sys.version_info >= (3, 13) and set(self.threads) == {"forkref-export"}
+
+
+def _other_threads() -> tuple[str, ...]:
+    """Names of this process's threads but the calling one, native threads included."""
+    python = {t.native_id: t.name for t in threading.enumerate()}
+    names = []
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid == threading.get_native_id():
+            continue
+        if tid in python:
+            names.append(python[tid])
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
+            names.append(f"native {comm.read().strip()}")
+    return tuple(sorted(names))
+
+
+_fork_key = pytest.StashKey[list[_Fork]]()
+
+
+@contextlib.contextmanager
+def _fork_warnings(item: pytest.Item) -> Iterator[None]:
+    """Record the multi-threaded fork warnings of ``item``; pass the others on to pytest."""
+    found = item.stash.setdefault(_fork_key, [])
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "always", message=".*" + _FORK_WARNING.pattern, category=DeprecationWarning
+        )
+        passed_on = warnings.showwarning
+
+        def show(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+            # Called in the forking thread just after fork() returned: the
+            # threads listed are the ones Python counted.
+            if issubclass(category, DeprecationWarning) and _FORK_WARNING.search(str(message)):
+                found.append(_Fork(f"{filename}:{lineno}", _other_threads()))
+            else:
+                passed_on(message, category, filename, lineno, *rest)
+
+        warnings.showwarning = show
+        yield
+
+
+def _check_forks(item: pytest.Item, phase: str) -> None:
+    forks = item.stash.get(_fork_key, [])
+    item.stash[_fork_key] = []
+    if not forks or item.get_closest_marker("forks_with_threads") is not None:
+        return
+    unknown = [f for f in forks if not f.known()]
+    if unknown:
+        raise MultiThreadedForkError(
+            "forked while other threads ran (Python 3.12+'s multi-threaded fork() warning): "
+            + "; ".join(f"{f.where} beside {', '.join(f.threads)}" for f in unknown)
+        )
+    if phase == "call":
+        pytest.xfail(_KNOWN_CAUSE)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    with _fork_warnings(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Judge the forks of setup and call in the call phase, where an xfail applies."""
+    try:
+        with _fork_warnings(item):
+            result = yield
+    except BaseException:
+        item.stash[_fork_key] = []  # the test failed already; that failure is the news
+        raise
+    _check_forks(item, "call")
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    with _fork_warnings(item):
+        result = yield
+    _check_forks(item, "teardown")
+    return result
 
 
 @pytest.fixture
