@@ -53,7 +53,7 @@ _JEMALLOC_ENV = ("JE_ARROW_MALLOC_CONF", "background_thread:false")
 _STDLIB_HELPERS = ("forkserver", "resource_tracker", "semaphore_tracker")
 _FORK_WARNING = re.compile(r"is multi-threaded, use of fork\(\) may lead to deadlocks")
 
-_session: dict[str, str] = {}  # "token", "dir", and the environment it replaced
+_session: dict[str, str] = {}  # token, pytest's start time, dir, the environment it replaced
 
 
 class MultiThreadedForkError(AssertionError):
@@ -68,6 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
     directory = tempfile.mkdtemp(prefix=f"forkref-tests-{os.getpid()}-", dir=parent)
     _session.update(
         token=secrets.token_hex(8),
+        started=str(_stat(os.getpid())[1]),
         dir=directory,
         old_dir=os.environ.get(_shm.ENV_DIR, ""),
         old_token=os.environ.get(SESSION_ENV, ""),
@@ -95,35 +96,47 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # -- processes of this session ---------------------------------------------------
 
 
-def _marked_pids(token: str) -> set[int]:
-    """Pids whose environment carries this session's token (started by exec, at any depth)."""
-    marker = f"{SESSION_ENV}={token}\0".encode()
-    found = set()
+def _stat(pid: int | str) -> tuple[int, int]:
+    """(parent pid, start time in clock ticks since boot) from /proc/pid/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    return int(fields[1]), int(fields[19])
+
+
+def _session_pids(token: str, since: int) -> set[int]:
+    """pytest's descendants, and processes started since ``since`` that carry ``token``.
+
+    Forked children keep pytest's original environment (without the token);
+    exec'd ones may leave the tree (orphans, new sessions) but keep the token.
+    """
+    parent_of, started = {}, {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as env:
-                if marker in env.read():
-                    found.add(int(entry.name))
-        except OSError:  # gone, or a kernel thread
-            continue
-    return found
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+                parent_of[int(entry.name)], started[int(entry.name)] = _stat(entry.name)
+    ours: set[int] = set()
+    parents = {os.getpid()}
+    while parents:
+        parents = {pid for pid, ppid in parent_of.items() if ppid in parents} - ours
+        ours |= parents
+    marker = f"{SESSION_ENV}={token}\0".encode()
+    for pid in [p for p, t in started.items() if t >= since and p not in ours]:
+        # Only processes younger than pytest: reading the environment of a
+        # busy process can block on its memory map.
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as env:
+            if marker in env.read():
+                ours.add(pid)
+    ours.discard(os.getpid())
+    return ours
 
 
 def _session_processes() -> list[psutil.Process]:
-    """Live processes of this session except pytest and its own stdlib helpers.
-
-    Descendants (forked children keep pytest's original environment, without
-    the token) and marked processes (which may have left the tree: orphans,
-    processes in new sessions).
-    """
-    me = psutil.Process()
-    procs = {p.pid: p for p in me.children(recursive=True)}
-    for pid in _marked_pids(_session["token"]) - procs.keys() - {me.pid}:
+    """Live processes of this session except pytest and its own stdlib helpers."""
+    procs = []
+    for pid in _session_pids(_session["token"], int(_session["started"])):
         with contextlib.suppress(psutil.Error):
-            procs[pid] = psutil.Process(pid)
-    return [p for p in procs.values() if _counts(p, me.pid)]
+            procs.append(psutil.Process(pid))
+    return [p for p in procs if _counts(p, os.getpid())]
 
 
 def _counts(proc: psutil.Process, pytest_pid: int) -> bool:
