@@ -47,7 +47,7 @@ SESSION_ENV = "FORKREF_TEST_SESSION"
 # pyarrow (imported with pandas) runs jemalloc with a background thread: a
 # native thread in this process, so Python 3.12+ warns at every stdlib fork
 # the tests make, and a warning caused by forkref's own threads would drown.
-# Read by jemalloc when pyarrow loads, which is after this module.
+# jemalloc reads it when pyarrow loads: during collection, after pytest_configure.
 _JEMALLOC_ENV = ("JE_ARROW_MALLOC_CONF", "background_thread:false")
 # Long-lived helpers the stdlib starts once per interpreter (this one's only).
 _STDLIB_HELPERS = ("forkserver", "resource_tracker", "semaphore_tracker")
@@ -81,9 +81,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not _session:
         return
-    left = _kill(_session_processes())
+    left = _kill(_session_processes())  # after Ctrl-C, or a teardown that was cut short
     if left:
-        warnings.warn(f"forkref tests: killed processes left at the end: {left}", stacklevel=1)
+        print(f"forkref tests: killed processes left at the end: {left}", file=sys.stderr)
     shutil.rmtree(_session["dir"], ignore_errors=True)
     for name, old in ((_shm.ENV_DIR, _session["old_dir"]), (SESSION_ENV, _session["old_token"])):
         if old:
@@ -159,36 +159,51 @@ def _describe(proc: psutil.Process) -> str:
 
 def _kill(procs: list[psutil.Process]) -> list[str]:
     """SIGKILL ``procs`` and whatever of the session they start meanwhile; describe them."""
-    killed: list[str] = []
-    for _ in range(20):  # a pool may replace a worker killed a moment ago
+    killed: dict[int, str] = {}
+    for _ in range(40):  # a pool may replace a worker killed a moment ago
         if not procs:
             break
-        killed += [_describe(p) for p in procs]
         for proc in procs:
+            killed.setdefault(proc.pid, _describe(proc))
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        time.sleep(0.05)
+        time.sleep(0.05)  # SIGKILL takes effect asynchronously
         procs = _session_processes()
-    return killed
+    return list(killed.values())
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers() -> Iterator[None]:
+def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves a process of the session running or a segment behind.
 
     Runs after the test whatever happened (failure, pytest-timeout's
-    exception): what is left is killed and removed, so the next test starts
-    clean.
+    exception, Ctrl-C): what is left is killed and removed, so the next test
+    starts clean.
     """
     directory = _session["dir"]
     before = set(os.listdir(directory))
     yield
-    deadline = time.monotonic() + 5.0  # workers and janitors wind down by themselves
+    interrupted = request.session.exitstatus == pytest.ExitCode.INTERRUPTED
+    killed = _kill(_stray_after(0.0 if interrupted else 5.0))
+    new = _remove_entries_since(directory, before)
+    if interrupted:
+        return  # torn down by Ctrl-C: failing now would only bury the interrupt
+    assert not killed, f"test left processes running (killed now): {killed}"
+    assert not new, f"test left entries in the segment directory {directory}: {new}"
+
+
+def _stray_after(grace: float) -> list[psutil.Process]:
+    """The session's processes still running after ``grace`` seconds (for them to exit)."""
+    deadline = time.monotonic() + grace  # workers and janitors wind down by themselves
     stray = _session_processes()
     while stray and time.monotonic() < deadline:
         time.sleep(0.05)
         stray = _session_processes()
-    killed = _kill(stray)
+    return stray
+
+
+def _remove_entries_since(directory: str, before: set[str]) -> list[str]:
+    """Remove the entries of ``directory`` that are not in ``before``; return their names."""
     new = sorted(set(os.listdir(directory)) - before)
     for name in new:
         path = os.path.join(directory, name)
@@ -197,8 +212,7 @@ def no_leftovers() -> Iterator[None]:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-    assert not killed, f"test left processes running (killed now): {killed}"
-    assert not new, f"test left entries in the segment directory {directory}: {new}"
+    return new
 
 
 # -- forks from a multi-threaded process -----------------------------------------

@@ -2,8 +2,9 @@
 
 * Every process the suite starts sees the session's segment directory.
 * A test that times out (pytest-timeout) or fails still has its processes
-  killed: children, grandchildren in sessions of their own, orphans. Proven
-  on an inner pytest run whose tests leave such processes behind.
+  killed: children, grandchildren in sessions of their own, orphans; so does
+  a session stopped by Ctrl-C. Proven on inner pytest runs whose tests leave
+  such processes behind.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -131,3 +134,48 @@ def test_timed_out_and_failed_tests_have_their_processes_killed(
     result.stdout.fnmatch_lines(
         ["*test left processes running (killed now)*", "*Timeout (>3.0s) from pytest-timeout*"]
     )
+
+
+_SLEEPS_IN_A_CHILD = """
+import subprocess, sys, time
+
+def test_interrupted():
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    child = subprocess.Popen(sleeper, start_new_session=True)
+    with open({pid_file!r}, "w") as out:
+        out.write(str(child.pid))
+    time.sleep(600)
+"""
+
+# pytest in a child that handles SIGINT itself: started from a shell that
+# ignores SIGINT (a background job), Python would keep ignoring it.
+_PYTEST_WITH_SIGINT = (
+    "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.exit(pytest.main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.timeout(180)
+def test_an_interrupted_session_kills_its_processes(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "child.pid"
+    pytester.makeconftest(_CONFTEST.read_text())
+    pytester.makepyfile(test_inner=_SLEEPS_IN_A_CHILD.format(pid_file=str(pid_file)))
+    args = ["-c", str(_PYPROJECT), "--rootdir", str(pytester.path), "-p", "no:cacheprovider"]
+    with subprocess.Popen(
+        [sys.executable, "-c", _PYTEST_WITH_SIGINT, *args, "test_inner.py"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as session:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert session.poll() is None, "the inner session ended before its test started"
+            assert time.monotonic() < deadline, "the inner test did not start"
+            time.sleep(0.05)
+        session.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = session.communicate(timeout=120)
+    assert session.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert not _alive(int(pid_file.read_text())), out
