@@ -1,9 +1,9 @@
 """Python 3.12+'s multi-threaded fork() warning, where forkref still causes it.
 
-conftest.py fails every test whose fork warns, except the known cause, which
-it xfails (see ``_KNOWN_CAUSE`` there). This test pins that cause down on its
-own, in a fresh interpreter, so that it shows even when the suite's order
-changes, and turns into an XPASS failure once forkref no longer causes it.
+conftest.py fails every test whose fork warns, except for the known causes in
+forkref (``conftest.KNOWN_CAUSES``), which it xfails. Here each known cause is
+reproduced on its own, in a fresh interpreter, so it shows whatever the
+suite's order; a strict xfail turns into a failure once forkref is fixed.
 """
 
 from __future__ import annotations
@@ -12,40 +12,73 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import KNOWN_CAUSES
+
 _REPO = Path(__file__).parents[1]
 
-_STDLIB_FORK_WHILE_SERVING = textwrap.dedent(
-    """
-    import multiprocessing as mp, os, threading, time, warnings
-    import forkref
+# Prints the multi-threaded fork warnings of main(), each with the threads
+# alive when it was issued.
+_PRELUDE = """
+import multiprocessing as mp, os, threading, time, warnings
+import forkref
 
-    def threads():
-        python = {t.native_id: t.name for t in threading.enumerate()}
-        return sorted(python.get(int(t), "native") for t in os.listdir("/proc/self/task"))
+def threads():
+    python = {t.native_id: t.name for t in threading.enumerate()}
+    return sorted(python.get(int(t), "native") for t in os.listdir("/proc/self/task"))
 
-    if __name__ == "__main__":
-        handle = forkref.share(bytearray(10))
-        with mp.get_context("spawn").Pool(1) as pool:  # not inherited: served by export
-            assert pool.apply(len, (handle,)) == 10
-        # The pool's joined threads may still be leaving the kernel (slowly on a
-        # loaded machine), and Python counts them: not the case under test.
-        deadline = time.monotonic() + 30
-        while "native" in threads() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda message, *_: seen.append((str(message), threads()))
-            child = mp.get_context("fork").Process(target=len, args=((),))
-            child.start()
-            child.join()
-        print([s for s in seen if "multi-threaded" in s[0]])
-    """
-)
+def settle():
+    # Threads a closed pool joined may still be leaving the kernel (slowly on
+    # a loaded machine), and Python counts them: not the case under test.
+    deadline = time.monotonic() + 30
+    while "native" in threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+def run(main):
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: seen.append((str(message), threads()))
+        main()
+    print([s for s in seen if "multi-threaded" in s[0]])
+"""
+
+_SCENARIOS = {
+    # A stdlib fork in a process whose export thread serves spawn workers.
+    "forkref-export": """
+def main():
+    handle = forkref.share(bytearray(10))
+    with mp.get_context("spawn").Pool(1) as pool:  # not inherited: served by export
+        assert pool.apply(len, (handle,)) == 10
+    settle()
+    child = mp.get_context("fork").Process(target=len, args=((),))
+    child.start()
+    child.join()
+""",
+    # forkref's pool forks its first generation while a MemorySampler runs.
+    "forkref-memory-sampler": """
+def main():
+    with forkref.Pool(1) as pool, forkref.MemorySampler([os.getpid()], interval=0.01):
+        assert pool.apply(abs, (-1,)) == 1
+""",
+}
+_RUN_MAIN = """
+if __name__ == "__main__":
+    run(main)
+"""
+
+
+def _cases() -> Iterator[Any]:
+    for cause in KNOWN_CAUSES:
+        for version in ("3.12", "3.13"):
+            warns = tuple(map(int, version.split("."))) >= cause.since
+            marks = [pytest.mark.xfail(strict=True, reason=cause.reason)] if warns else []
+            yield pytest.param(cause.thread, version, marks=marks, id=f"{cause.thread}-{version}")
 
 
 def _python(version: str) -> str | None:
@@ -56,26 +89,13 @@ def _python(version: str) -> str | None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "version",
-    [
-        "3.12",
-        pytest.param(
-            "3.13",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="forkref._export._after_fork_parent restarts the export thread inside "
-                "os.fork(), and 3.13 counts threads after the at-fork hooks",
-            ),
-        ),
-    ],
-)
-def test_stdlib_fork_beside_the_export_thread_does_not_warn(tmp_path: Path, version: str) -> None:
+@pytest.mark.parametrize(("thread", "version"), list(_cases()))
+def test_no_multithreaded_fork_warning(tmp_path: Path, thread: str, version: str) -> None:
     python = _python(version)
     if python is None:
         pytest.skip(f"no Python {version} here (make smoke creates .venv-{version})")
-    script = tmp_path / "serve_then_fork.py"
-    script.write_text(_STDLIB_FORK_WHILE_SERVING)
+    script = tmp_path / "scenario.py"  # a file: spawn workers re-import __main__
+    script.write_text(_PRELUDE + textwrap.dedent(_SCENARIOS[thread]) + _RUN_MAIN)
     env = {**os.environ, "PYTHONPATH": str(_REPO / "src")}
     done = subprocess.run(
         [python, str(script)], capture_output=True, text=True, env=env, timeout=90, check=False
