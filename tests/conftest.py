@@ -74,7 +74,10 @@ def pytest_configure(config: pytest.Config) -> None:
         old_token=os.environ.get(SESSION_ENV, ""),
     )
     os.environ[_shm.ENV_DIR] = directory
-    os.environ[SESSION_ENV] = _session["token"]
+    # Appended to an outer session's tokens (a test running pytest), so the
+    # outer session still recognizes what the inner one leaves.
+    outer = _session["old_token"]
+    os.environ[SESSION_ENV] = f"{outer}:{_session['token']}" if outer else _session["token"]
     os.environ.setdefault(*_JEMALLOC_ENV)
 
 
@@ -119,15 +122,23 @@ def _session_pids(token: str, since: int) -> set[int]:
     while parents:
         parents = {pid for pid, ppid in parent_of.items() if ppid in parents} - ours
         ours |= parents
-    marker = f"{SESSION_ENV}={token}\0".encode()
     for pid in [p for p, t in started.items() if t >= since and p not in ours]:
         # Only processes younger than pytest: reading the environment of a
         # busy process can block on its memory map.
         with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as env:
-            if marker in env.read():
+            if _carries(env.read(), token):
                 ours.add(pid)
     ours.discard(os.getpid())
     return ours
+
+
+def _carries(environ: bytes, token: str) -> bool:
+    """Whether a /proc/pid/environ block has ``token`` among its session tokens."""
+    for entry in environ.split(b"\0"):
+        name, _, value = entry.partition(b"=")
+        if name == SESSION_ENV.encode():
+            return token.encode() in value.split(b":")
+    return False
 
 
 def _session_processes() -> list[psutil.Process]:

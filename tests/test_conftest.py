@@ -163,19 +163,21 @@ def test_an_interrupted_session_kills_its_processes(
     pytester.makeconftest(_CONFTEST.read_text())
     pytester.makepyfile(test_inner=_SLEEPS_IN_A_CHILD.format(pid_file=str(pid_file)))
     args = ["-c", str(_PYPROJECT), "--rootdir", str(pytester.path), "-p", "no:cacheprovider"]
-    with subprocess.Popen(
+    session = subprocess.Popen(
         [sys.executable, "-c", _PYTEST_WITH_SIGINT, *args, "test_inner.py"],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    ) as session:
+    )
+    try:
         deadline = time.monotonic() + 120
         while not pid_file.exists() or not pid_file.read_text():
             assert session.poll() is None, "the inner session ended before its test started"
             assert time.monotonic() < deadline, "the inner test did not start"
             time.sleep(0.05)
-        session.send_signal(signal.SIGINT)  # Ctrl-C
+    finally:
+        session.send_signal(signal.SIGINT)  # Ctrl-C; also if this test is interrupted itself
         out, _ = session.communicate(timeout=120)
     assert session.returncode == pytest.ExitCode.INTERRUPTED, out
     assert not _alive(int(pid_file.read_text())), out
