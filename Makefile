@@ -77,8 +77,8 @@ conformance:
 	if [ -z "$$py" ]; then echo "conformance: Python 3.13 not installed, skipped"; exit 0; fi; \
 	venv=.venv-3.13; \
 	if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
-	  $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
-	  $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; \
+	  { $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
+	    $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; } || exit 1; \
 	fi; \
 	$$venv/bin/python -m conformance $(CONFORMANCE_ARGS)
 
