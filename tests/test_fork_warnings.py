@@ -93,6 +93,7 @@ def _python(version: str) -> str | None:
     return str(venv) if venv.exists() else None
 
 
+@pytest.mark.smoke  # 3.12 and 3.13 run it there even where the main suite runs first
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("thread", "version"), list(_cases()))
 def test_no_multithreaded_fork_warning(tmp_path: Path, thread: str, version: str) -> None:
