@@ -81,6 +81,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(*_JEMALLOC_ENV)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Ray modules last, keeping the order otherwise.
+
+    They start Ray in this process, and ray.shutdown() leaves its driver's
+    gRPC threads running here: a fork in any later test is a fork beside
+    them (Python 3.12+ warns), and stdlib fork pools made after them hung on
+    3.13 (a child inherits a lock one of them held).
+    """
+    items.sort(key=lambda item: item.path.name.startswith("test_ray"))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not _session:
         return
