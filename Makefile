@@ -57,10 +57,10 @@ smoke:
 	  if [ -z "$$py" ]; then echo "smoke: Python $$v not installed, skipped"; continue; fi; \
 	  venv=.venv-$$v; \
 	  if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
-	    $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
-	    $$venv/bin/python -m pip install -q -e '.[test]' && \
-	    { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "smoke: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
-	    touch $$venv/.stamp; \
+	    { $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
+	      $$venv/bin/python -m pip install -q -e '.[test]' && \
+	      { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "smoke: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
+	      touch $$venv/.stamp; } || exit 1; \
 	  fi; \
 	  echo "smoke: Python $$v ($$py)"; \
 	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
@@ -77,8 +77,8 @@ conformance:
 	if [ -z "$$py" ]; then echo "conformance: Python 3.13 not installed, skipped"; exit 0; fi; \
 	venv=.venv-3.13; \
 	if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
-	  $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
-	  $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; \
+	  { $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
+	    $$venv/bin/python -m pip install -q -e '.[test]' && touch $$venv/.stamp; } || exit 1; \
 	fi; \
 	$$venv/bin/python -m conformance $(CONFORMANCE_ARGS)
 

@@ -268,15 +268,17 @@ def test_sampler_follows_a_changing_set_of_pids(
     worker: tuple[int, Callable[[str], None]],
 ) -> None:
     pid, _ = worker
+    # Forked before the sampler's thread starts: a fork beside it would be the
+    # multi-threaded fork Python 3.12+ warns about.
+    gone = mp.get_context("fork").Process(target=os.getpid)
+    gone.start()
+    gone.join(30)
     current: dict[int, str] = {os.getpid(): "parent"}
     with MemorySampler(lambda: dict(current), interval=0.02) as sampler:
         _wait_for_samples(sampler, 1)
         current[pid] = "worker"
         _wait_for_samples(sampler, 2)
-        gone = mp.get_context("fork").Process(target=os.getpid)
-        gone.start()
-        gone.join(30)
-        current[gone.pid or 0] = "worker"
+        current[gone.pid or 0] = "worker"  # a pid that is gone
         _wait_for_samples(sampler, 2)
     peaks = sampler.peaks()
     assert {p.pid for p in peaks.processes} == {os.getpid(), pid}

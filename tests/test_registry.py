@@ -179,6 +179,7 @@ def test_collect_references_sees_handles_pickled_in_block() -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.forks_with_threads  # the point of the test
 def test_fork_while_other_threads_register_does_not_deadlock() -> None:
     """The registry lock is taken around fork, so a child never inherits it held."""
     reg = registry()

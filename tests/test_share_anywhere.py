@@ -166,6 +166,7 @@ def replacement_workers() -> list[int]:
         return [pool.apply(child, (share(bo),)) for _ in range(3)]
 
 
+@pytest.mark.forks_with_threads  # the stdlib Pool forks replacements from its handler thread
 def test_replacement_workers_forked_from_a_handler_thread_resolve_too() -> None:
     assert replacement_workers() == [10, 10, 10]
 

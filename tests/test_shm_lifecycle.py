@@ -45,6 +45,10 @@ _PARENT = textwrap.dedent(
         return token
 
     if __name__ == "__main__":
+        # Started from a background job (or any parent that ignores SIGINT),
+        # this process inherits SIGINT ignored, and Python then leaves it
+        # ignored: the "interrupt" scenario needs the KeyboardInterrupt handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         scenario = sys.argv[1]
         df = pd.DataFrame({"f": np.arange(2**19, dtype=np.float64)})
         h = forkref.share(df)
@@ -134,14 +138,21 @@ def test_nothing_is_left_behind(tmpfs: str, tmp_path: Path, scenario: str, retur
         "FORKREF_SHM_DIR": tmpfs,
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
     }
-    proc = subprocess.run(
-        [sys.executable, str(script), scenario],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), scenario],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        # run() killed the parent only: its workers and janitor, some in
+        # sessions of their own, are found by their environment.
+        for p in _scenario_processes(tmpfs):
+            p.kill()
+        raise
     assert proc.returncode == returncode, proc.stderr
     if scenario == "exception":
         assert "scenario: exception in the parent" in proc.stderr
