@@ -263,13 +263,6 @@ KNOWN_CAUSES = (
         "forkref._export._after_fork_parent restarts the export thread inside os.fork(), "
         "and Python 3.13 counts threads after the at-fork hooks (3.12 before them)",
     ),
-    _Cause(
-        "forkref-memory-sampler",
-        (3, 12),
-        True,
-        "forkref._forking.fork_child forks a generation beside a running MemorySampler "
-        "thread: it takes every forkref-* thread for paused, and the sampler is not",
-    ),
 )
 
 

@@ -33,6 +33,7 @@ from typing import TypeAlias
 import psutil
 
 from forkref._errors import MemoryAccessError, MemoryReportError
+from forkref._forking import register_pausable, wait_os_thread_gone
 
 __all__ = ["MemoryReport", "MemorySampler", "ProcessMemory", "memory_report"]
 
@@ -274,8 +275,13 @@ class MemorySampler:
         self._roles = roles
         self._interval = float(interval)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        # The running thread's halt flag, in a list the finalizer shares: a
+        # pause for a fork replaces it (see pause_thread).
+        self._halt = [threading.Event()]
+        self._thread_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._started = False
+        self._owner = os.getpid()
         self._stopped = False
         self._error: BaseException | None = None
         self._peaks: dict[int, ProcessMemory] = {}
@@ -285,7 +291,7 @@ class MemorySampler:
         self._peak_total_uss = 0
         self._peak_total_pss = 0
         # A dropped, never-stopped sampler must not leave its thread running.
-        self._finalizer = weakref.finalize(self, self._stop.set)
+        self._finalizer = weakref.finalize(self, _halt_current, self._halt)
 
     def start(self) -> MemorySampler:
         """Take a first sample and start the background thread. A second call does nothing."""
@@ -293,25 +299,58 @@ class MemorySampler:
             raise MemoryReportError(
                 "MemorySampler.start: this sampler was stopped; create a new MemorySampler"
             )
-        if self._thread is None:
+        if not self._started:
+            self._started = True
             self.sample()
-            self._thread = threading.Thread(
-                target=_sample_until_stopped,
-                args=(weakref.ref(self), self._stop, self._interval),
-                name="forkref-memory-sampler",
-                daemon=True,
-            )
-            self._thread.start()
+            with self._thread_lock:
+                self._start_thread()
+            # forkref's pools fork their generations with this thread stopped:
+            # a thread running across fork() is what Python 3.12+ warns about.
+            register_pausable(self)
         return self
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(
+            target=_sample_until_stopped,
+            args=(weakref.ref(self), self._halt[0], self._interval),
+            name="forkref-memory-sampler",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def pause_thread(self) -> bool:
+        """Stop the thread for a fork (forkref._forking.Pausable); True if it ran."""
+        with self._thread_lock:
+            thread = self._thread
+            if self._stopped or thread is None or thread is threading.current_thread():
+                return False
+            self._halt[0].set()
+            thread.join()
+            wait_os_thread_gone(thread.native_id)
+            self._halt[0] = threading.Event()
+            self._thread = None
+            return True
+
+    def resume_thread(self) -> None:
+        """Start the thread again after a fork (forkref._forking.Pausable)."""
+        with self._thread_lock:
+            if not self._stopped and self._thread is None and self._error is None:
+                self._start_thread()
+
+    def owned_by_this_process(self) -> bool:
+        """False in a forked child that inherited the sampler (forkref._forking.Pausable)."""
+        return self._owner == os.getpid()
 
     def stop(self) -> None:
         """Stop the thread, take a last sample, raise a sampling error if any. Idempotent."""
         if self._stopped:
             return
-        self._stopped = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        with self._thread_lock:
+            self._stopped = True
+            self._halt[0].set()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
         if self._error is None:
             try:
                 self.sample()
@@ -401,6 +440,10 @@ class MemorySampler:
 def _fixed(pids: Pids) -> Callable[[], Pids]:
     frozen: Pids = dict(pids) if isinstance(pids, Mapping) else tuple(pids)
     return lambda: frozen
+
+
+def _halt_current(halt: list[threading.Event]) -> None:
+    halt[0].set()
 
 
 def _sample_until_stopped(
