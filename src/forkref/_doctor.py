@@ -382,21 +382,12 @@ def _compact_verdict() -> Verdict:
 
 
 def _ray_verdict(found: dict[str, Any]) -> Verdict:
-    import inspect
-
-    from forkref._pool import Pool
-
     name = "Ray backend"
-    if "backend" not in inspect.signature(Pool).parameters:
-        return Verdict(
-            name,
-            UNAVAILABLE,
-            "this version of forkref has no Ray backend (forkref.Pool takes no backend=)",
-            "upgrade forkref once it ships one",
-        )
     version = found["packages"].get("ray")
     if version is None:
-        return Verdict(name, UNAVAILABLE, "ray is not installed", "pip install ray")
+        return Verdict(
+            name, UNAVAILABLE, "ray is not installed", "pip install 'forkref[ray]'"
+        )
     return Verdict(name, OK, f"forkref.Pool(backend='ray') can run on ray {version}")
 
 

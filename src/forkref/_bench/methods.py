@@ -10,7 +10,6 @@ workloads; the tiny-task workload times the map alone on a started pool.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import multiprocessing as mp
 from collections.abc import Callable, Iterator
@@ -514,24 +513,13 @@ def _ray_pool_tiny(run: Run) -> Any:
         return pool.map(trivial, run.data)
 
 
-# -- forkref's own Ray backend (being built: issue 9) ------------------------------
-
-
-def _ray_backend_missing() -> str | None:
-    """Why forkref.Pool(backend="ray") cannot run here, or None."""
-    from forkref._pool import Pool
-
-    # The same fact as Pool(..., backend="ray") raising TypeError, without making a pool.
-    if "backend" not in inspect.signature(Pool).parameters:
-        return "this forkref has no Ray backend yet: forkref.Pool takes no backend= argument"
-    return None
+# -- forkref's own Ray backend ------------------------------------------------------
 
 
 method(
     "forkref-ray",
     "forkref.Pool(backend=ray)",
     needs=_RAY,
-    available=_ray_backend_missing,
     not_applicable={"result": "not measured for the Ray backend yet"},
 )
 
