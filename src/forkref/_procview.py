@@ -2,12 +2,14 @@
 
 Code written for the stdlib pools often uses private attributes:
 ``ProcessPoolExecutor._processes`` (pid to ``Process``: kill a worker, wait
-for it) and ``multiprocessing.Pool._pool``. A worker started by
-``context.Process`` is shown as that very object. A worker forked by a
-generation's fork server is not a child of the parent, so it is shown as a
-:class:`ForkedWorker`: the same methods (``pid``, ``is_alive()``,
+for it) and ``multiprocessing.Pool._pool``. A spawn worker is shown as its
+very ``Process`` object. A worker forked by a fork server (a generation's, or
+the stdlib's ``forkserver``) is not a child of the parent, so it is shown as
+a :class:`ForkedWorker`: the same methods (``pid``, ``is_alive()``,
 ``terminate()``, ``kill()``, ``join()``, ``exitcode``), built on signals and
-on the exit status the fork server reports.
+on the exit status the fork server reports. (A ``forkserver`` Process reads
+that status from a pipe once: the dispatcher reads it, and a second reader in
+another thread would get EOF and exit code 255.)
 
 Non-goals: ``start()``, ``close()`` and the rest of ``Process``: these
 objects only look at and stop workers the pool owns.
@@ -33,8 +35,9 @@ __all__ = ["ForkedWorker", "process_view"]
 
 def process_view(engine: Engine, worker: Worker) -> Any:
     """The ``multiprocessing.Process`` of ``worker``, or a :class:`ForkedWorker` view of it."""
-    if isinstance(worker.channel, ProcessChannel):
-        return worker.channel.process
+    channel = worker.channel
+    if isinstance(channel, ProcessChannel) and channel.process._start_method != "forkserver":
+        return channel.process
     return ForkedWorker(worker)
 
 
