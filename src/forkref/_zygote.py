@@ -169,18 +169,27 @@ class ZygoteLauncher(Launcher):
         super().kill_all(gen)
 
     def reap(self, gen: Generation, timeout: float) -> None:
-        """Workers first (they die with the zygote), then the zygote itself."""
+        """Kill the workers and the zygote at once, then wait until all are gone.
+
+        Killed together, their address spaces (each mapping the parent's heap)
+        are torn down side by side rather than one after the other. A worker
+        the zygote forked that this side has no pid of yet dies with the
+        zygote (``PR_SET_PDEATHSIG``).
+        """
         server: _Server = gen.server
         self.kill_all(gen)
-        close_fd(server.ctrl)  # EOF: the zygote kills what is left and exits
+        close_fd(server.ctrl)
         server.ctrl = None
         if server.pid is not None:
-            if not _wait_exit(server.pid, timeout):  # a zygote that does not go is killed
-                with contextlib.suppress(OSError):
-                    os.kill(server.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(server.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(server.pid, 0)
             server.pid = None
+        deadline = time.monotonic() + timeout
+        for w in gen.workers:  # no longer the zygote's children: waited for, not reaped
+            if w.channel.pid is not None:
+                _wait_exit(w.channel.pid, max(0.0, deadline - time.monotonic()))
 
     def server_done(self, gen: Generation) -> bool:
         server: _Server = gen.server
