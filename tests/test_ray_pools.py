@@ -242,6 +242,7 @@ def test_a_shared_frame_is_put_once_and_read_zero_copy() -> None:
         float(frame["a"].to_numpy()[i::16].sum()) for i in range(16)
     ]
     assert not any(writable for writable, _, _ in results), "Ray hands numpy buffers read-only"
+    assert isinstance(report, forkref.RayMemoryReport)
     assert {pid for _, pid, _ in results} <= {w.pid for w in report.by_role("ray worker@127.0.0.1")}
     (store,) = report.object_stores
     assert store.capacity == ray_harness.OBJECT_STORE

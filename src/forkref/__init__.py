@@ -30,6 +30,7 @@ from forkref._handle import Shared, share
 from forkref._hygiene import fork_hygiene
 from forkref._memory import MemoryReport, MemorySampler, ProcessMemory, memory_report
 from forkref._pool import Pool
+from forkref._ray import ObjectStoreUse, RayMemoryReport
 
 __all__ = [
     "BrokenPoolError",
@@ -45,10 +46,12 @@ __all__ = [
     "MemoryReportError",
     "MemorySampler",
     "NotInheritedError",
+    "ObjectStoreUse",
     "PerformanceWarning",
     "Pool",
     "ProcessMemory",
     "ProcessPoolExecutor",
+    "RayMemoryReport",
     "ReleasedError",
     "ResultPicklingError",
     "ResultToken",

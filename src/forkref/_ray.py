@@ -790,6 +790,8 @@ class ObjectStoreUse:
         capacity: the store's size (``object_store_memory``).
     """
 
+    __module__ = "forkref"
+
     node_id: str
     node_ip: str
     used: int
@@ -807,6 +809,8 @@ class RayMemoryReport(MemoryReport):
     not tell (the figures come from ``ray._private.state``, which a Ray
     release may change).
     """
+
+    __module__ = "forkref"
 
     object_stores: tuple[ObjectStoreUse, ...] = ()
     object_store_error: str | None = None
