@@ -13,8 +13,9 @@ resolves in them by inheritance. Its life::
 
 **The late-object policy** (:func:`late_object_route`, a pure function):
 a task refers to shared objects by :class:`~forkref._registry.Reference`.
-One registered before the current generation started is inherited. A later
-one ("late") travels one of two ways, never pickled per task:
+One registered before the current generation started, or alive when it
+forked (the fork record of :mod:`forkref._forkrecord`), is inherited. Any
+other ("late") travels one of two ways, never pickled per task:
 
 * **shared memory**: the sharing process exports it once and the current
   workers fetch it (:mod:`forkref._export`), when the object rebuilds
