@@ -13,9 +13,9 @@
                                                worker gone -> its running task fails,
                                                               the rest go back to the queue
 
-Bounded memory: a task whose pickle is big (over ``INLINE_LIMIT``) keeps its
-arguments, not their pickle, until a worker is free to take it; it is then
-pickled, sent (the send returns once the worker has read it) and its bytes
+Bounded memory: a task whose pickle is big (over
+:data:`forkref._taskpickle.INLINE_LIMIT`) keeps its arguments, not their
+pickle, until a worker is free to take it; it is then pickled, sent (the send returns once the worker has read it) and its bytes
 dropped. The parent therefore holds at most one big pickle per worker being
 fed, as the stdlib's pools do, instead of one per task.
 
@@ -42,10 +42,8 @@ if TYPE_CHECKING:
     from forkref._registry import Reference
     from forkref._taskpickle import FnBlob
 
-__all__ = ["INLINE_LIMIT", "Completion", "Scheduler", "Task", "Worker"]
+__all__ = ["Completion", "Scheduler", "Task", "Worker"]
 
-#: Pickles above this many bytes are made only when a worker is free to take them.
-INLINE_LIMIT = 1 << 20
 _DEPTH_SLOW, _DEPTH_FAST = 2, 32  # tasks in flight per worker; fast: service time < _FAST_TASK
 _FAST_TASK = 0.005  # seconds
 
