@@ -16,8 +16,9 @@
 Bounded memory: a task whose pickle is big (over
 :data:`forkref._taskpickle.INLINE_LIMIT`) keeps its arguments, not their
 pickle, until a worker is free to take it; it is then pickled, sent (the
-send returns once the worker has read it) and its bytes dropped. The parent therefore holds at most one big pickle per worker being
-fed, as the stdlib's pools do, instead of one per task.
+send returns once the worker has read it) and its bytes dropped. The parent
+therefore holds at most one big pickle per worker being fed, as the stdlib's
+pools do, instead of one per task.
 
 A worker holds at most ``_DEPTH_SLOW`` tasks (``_DEPTH_FAST`` while tasks take
 under ``_FAST_TASK``: then the round trip through the dispatcher would starve
