@@ -279,3 +279,23 @@ def test_complete_results_read_before_a_dead_workers_partial_one_are_kept() -> N
         assert [bytes(m) for m in messages] == [small]
         with pytest.raises(EOFError):  # the next read finds the worker gone
             read_messages(parent.fileno(), buf)
+
+
+@pytest.mark.parametrize("exc", [ValueError, KeyboardInterrupt, SystemExit])
+def test_a_raising_callback_ends_its_result_and_nothing_else(
+    exc: type[BaseException], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A callback runs in the dispatcher: whatever it raises, its result still
+    completes, the traceback is printed, and the pool keeps running tasks."""
+
+    def callback(_: object) -> None:
+        raise exc("raised by the callback")
+
+    with forkref.Pool(2) as pool:
+        first = pool.apply_async(abs, (-1,), callback=callback)
+        failed = pool.apply_async(int, ("x",), error_callback=callback)
+        assert first.get(timeout=30) == 1
+        with pytest.raises(ValueError, match="invalid literal"):
+            failed.get(timeout=30)
+        assert pool.map(abs, [-2, -3]) == [2, 3]
+    assert capfd.readouterr().err.count(f"{exc.__name__}: raised by the callback") == 2
