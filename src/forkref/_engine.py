@@ -24,15 +24,17 @@ The parts: :mod:`forkref._scheduler` (queue, in-flight, worker choice),
 :mod:`forkref._dispatcher` (the thread), :mod:`forkref._launcher` (the
 worker-launcher interface, and ``context.Process`` workers for spawn and
 forkserver), :mod:`forkref._zygote` (fork servers for ``fork``),
-:mod:`forkref._forking` (fork safety). This module is the facade that ties
-them together: submitting, shutting down, introspection, breaking.
+:mod:`forkref._forking` (fork safety), :mod:`forkref._ray` (Ray actors:
+the third launcher, for ``backend="ray"``). This module is the facade that
+ties them together: submitting, shutting down, introspection, breaking.
 
 Without fork (``spawn``/``forkserver``) there is one generation and no
 policy: workers are ``context.Process`` objects and shared objects reach
-them through shared memory.
+them through shared memory. On Ray they are actors, and shared objects go
+through Ray's object store, put once per pool.
 
-Non-goals: no work stealing, no result streaming, no distribution over hosts
-(a distributed backend is one more launcher).
+Non-goals: no work stealing, no result streaming; distribution over hosts
+is Ray's, through its launcher.
 """
 
 from __future__ import annotations

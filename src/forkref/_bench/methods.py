@@ -197,41 +197,48 @@ def _share_stdlib_result(run: Run) -> Any:
 
 # -- forkref.Pool with a handle: the reference every ratio is taken against ----------
 
+
+def _forkref_methods(name: str, label: str, make: Callable[[Run], Any], results: bool) -> None:
+    """Register ``name``'s workloads: a ``forkref.Pool`` made by ``make``, fed handles.
+
+    The forkref methods differ only in how the pool is made (fork, spawn, Ray).
+    """
+
+    @implements(name, *BIG)
+    def big(run: Run) -> Any:
+        from forkref._handle import share
+
+        with share(run.data) as handle, _lifetime(run, make(run)) as pool:
+            return pool.starmap(tasks.work_pid, _args(handle, run))
+
+    @implements(name, "late")
+    def late(run: Run) -> Any:
+        from forkref._handle import share
+
+        answers = []
+        with _lifetime(run, make(run)) as pool:
+            for frame in _frames(run):
+                with share(frame) as handle:
+                    answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
+                run.checkpoint()
+                del frame
+        return answers
+
+    if results:
+
+        @implements(name, "result", label=f"{label} + export_result()")
+        def result(run: Run) -> Any:
+            with _lifetime(run, make(run)) as pool:
+                return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
+
+    @implements(name, "tiny", label=label)
+    def tiny(run: Run) -> Any:
+        with _started(run, lambda: make(run)) as pool:
+            return pool.map(trivial, run.data)
+
+
 method("forkref", "forkref.Pool + share()")
-
-
-@implements("forkref", *BIG)
-def _forkref_big(run: Run) -> Any:
-    from forkref._handle import share
-
-    with share(run.data) as handle, _lifetime(run, _forkref_pool(run)) as pool:
-        return pool.starmap(tasks.work_pid, _args(handle, run))
-
-
-@implements("forkref", "late")
-def _forkref_late(run: Run) -> Any:
-    from forkref._handle import share
-
-    answers = []
-    with _lifetime(run, _forkref_pool(run)) as pool:
-        for frame in _frames(run):
-            with share(frame) as handle:
-                answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
-            run.checkpoint()
-            del frame
-    return answers
-
-
-@implements("forkref", "result", label="forkref.Pool + export_result()")
-def _forkref_result(run: Run) -> Any:
-    with _lifetime(run, _forkref_pool(run)) as pool:
-        return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
-
-
-@implements("forkref", "tiny", label="forkref.Pool")
-def _forkref_tiny(run: Run) -> Any:
-    with _started(run, lambda: _forkref_pool(run)) as pool:
-        return pool.map(trivial, run.data)
+_forkref_methods("forkref", "forkref.Pool", _forkref_pool, results=True)
 
 
 # -- forkref.Pool(auto_share=True) with the plain object ----------------------------
@@ -263,40 +270,7 @@ def _auto_late(run: Run) -> Any:
 # -- forkref.Pool over spawn: the shared-memory transport ---------------------------
 
 method("forkref-spawn", "forkref.Pool(spawn) + share()")
-
-
-@implements("forkref-spawn", *BIG)
-def _spawn_big(run: Run) -> Any:
-    from forkref._handle import share
-
-    with share(run.data) as handle, _lifetime(run, _spawn_pool(run)) as pool:
-        return pool.starmap(tasks.work_pid, _args(handle, run))
-
-
-@implements("forkref-spawn", "late")
-def _spawn_late(run: Run) -> Any:
-    from forkref._handle import share
-
-    answers = []
-    with _lifetime(run, _spawn_pool(run)) as pool:
-        for frame in _frames(run):
-            with share(frame) as handle:
-                answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
-            run.checkpoint()
-            del frame
-    return answers
-
-
-@implements("forkref-spawn", "result", label="forkref.Pool(spawn) + export_result()")
-def _spawn_result(run: Run) -> Any:
-    with _lifetime(run, _spawn_pool(run)) as pool:
-        return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
-
-
-@implements("forkref-spawn", "tiny", label="forkref.Pool(spawn)")
-def _spawn_tiny(run: Run) -> Any:
-    with _started(run, lambda: _spawn_pool(run)) as pool:
-        return pool.map(trivial, run.data)
+_forkref_methods("forkref-spawn", "forkref.Pool(spawn)", _spawn_pool, results=True)
 
 
 # -- joblib ---------------------------------------------------------------------------
@@ -523,32 +497,10 @@ method(
     not_applicable={"result": "not measured for the Ray backend yet"},
 )
 
-
-@implements("forkref-ray", *BIG)
-def _forkref_ray_big(run: Run) -> Any:
-    from forkref._handle import share
-
-    pool = _forkref_pool(run, backend="ray")
-    with share(run.data) as handle, _lifetime(run, pool):
-        return pool.starmap(tasks.work_pid, _args(handle, run))
-
-
-@implements("forkref-ray", "late")
-def _forkref_ray_late(run: Run) -> Any:
-    from forkref._handle import share
-
-    answers = []
-    with _lifetime(run, _forkref_pool(run, backend="ray")) as pool:
-        for frame in _frames(run):
-            with share(frame) as handle:
-                answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
-            run.checkpoint()
-            del frame
-    return answers
-
-
-@implements("forkref-ray", "tiny", label="forkref.Pool(backend=ray)")
-def _forkref_ray_tiny(run: Run) -> Any:
-    with _started(run, lambda: _forkref_pool(run, backend="ray")) as pool:
-        return pool.map(trivial, run.data)
+_forkref_methods(
+    "forkref-ray",
+    "forkref.Pool(backend=ray)",
+    lambda run: _forkref_pool(run, backend="ray"),
+    results=False,
+)
 
