@@ -93,9 +93,10 @@ raw_held_locked = raw_forks({raw_forks}, locked=True)
 stop_chatter.set()
 chatter_thread.join()
 sys.stdout.flush()
-print('RESULT', dict(pools=pools, forks=3 * pools, hung=hung, held=held,
-      raw_forks={raw_forks}, raw_held=raw_held, raw_held_locked=raw_held_locked,
-      chatter_lines=chatter_lines))
+# One write: the kernel merges late lines of workers into this stream between writes.
+sys.stdout.write('RESULT %r\\n' % dict(pools=pools, forks=3 * pools, hung=hung, held=held,
+                 raw_forks={raw_forks}, raw_held=raw_held, raw_held_locked=raw_held_locked,
+                 chatter_lines=chatter_lines))
 """
 
 
@@ -131,8 +132,15 @@ def measure(kernel: Any, pools: int, raw_forks: int, timeout: float = 60) -> Mea
     forks = _FORKS.format(pools=pools, raw_forks=raw_forks, timeout=timeout)
     nb = execute(kernel, notebook([_CHATTER, forks]), timeout=timeout * (pools + 10))
     text = stream_text(nb.cells[1])
-    result = next(line for line in text.splitlines() if line.startswith("RESULT "))
-    fields = ast.literal_eval(result.removeprefix("RESULT "))
+    # Written at once, but a worker's late line may land just before it.
+    result = re.search(r"RESULT (\{[^}]*\})", text)
+    if result is None:
+        kinds = [o.get("output_type") for o in nb.cells[1].outputs]
+        raise AssertionError(
+            f"the cell printed no RESULT line; its outputs: {kinds}; its stdout ends with "
+            f"{text[-1500:]!r}; its stderr: {stream_text(nb.cells[1], 'stderr')[-1500:]!r}"
+        )
+    fields = ast.literal_eval(result.group(1))
     # A worker's line may land inside a chatter line: the streams merge in the cell.
     worker_lines = len(re.findall(r"worker \d+ task \d", text))
     return Measurement(**fields, worker_lines=worker_lines)
