@@ -198,17 +198,26 @@ def _share_stdlib_result(run: Run) -> Any:
 # -- forkref.Pool with a handle: the reference every ratio is taken against ----------
 
 
-def _forkref_methods(name: str, label: str, make: Callable[[Run], Any], results: bool) -> None:
+def _forkref_methods(
+    name: str,
+    label: str,
+    make: Callable[[Run], Any],
+    results: bool,
+    around: Callable[[Run], contextlib.AbstractContextManager[Any]] | None = None,
+) -> None:
     """Register ``name``'s workloads: a ``forkref.Pool`` made by ``make``, fed handles.
 
-    The forkref methods differ only in how the pool is made (fork, spawn, Ray).
+    The forkref methods differ only in how the pool is made (fork, spawn, Ray);
+    ``around`` wraps each run (for Ray: a local Ray started off the clock, as
+    for Ray's own methods).
     """
+    setting = around or (lambda run: contextlib.nullcontext())
 
     @implements(name, *BIG)
     def big(run: Run) -> Any:
         from forkref._handle import share
 
-        with share(run.data) as handle, _lifetime(run, make(run)) as pool:
+        with setting(run), share(run.data) as handle, _lifetime(run, make(run)) as pool:
             return pool.starmap(tasks.work_pid, _args(handle, run))
 
     @implements(name, "late")
@@ -216,7 +225,7 @@ def _forkref_methods(name: str, label: str, make: Callable[[Run], Any], results:
         from forkref._handle import share
 
         answers = []
-        with _lifetime(run, make(run)) as pool:
+        with setting(run), _lifetime(run, make(run)) as pool:
             for frame in _frames(run):
                 with share(frame) as handle:
                     answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
@@ -228,12 +237,12 @@ def _forkref_methods(name: str, label: str, make: Callable[[Run], Any], results:
 
         @implements(name, "result", label=f"{label} + export_result()")
         def result(run: Run) -> Any:
-            with _lifetime(run, make(run)) as pool:
+            with setting(run), _lifetime(run, make(run)) as pool:
                 return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
 
     @implements(name, "tiny", label=label)
     def tiny(run: Run) -> Any:
-        with _started(run, lambda: make(run)) as pool:
+        with setting(run), _started(run, lambda: make(run)) as pool:
             return pool.map(trivial, run.data)
 
 
@@ -502,5 +511,6 @@ _forkref_methods(
     "forkref.Pool(backend=ray)",
     lambda run: _forkref_pool(run, backend="ray"),
     results=False,
+    around=_ray,
 )
 
