@@ -30,7 +30,9 @@ np = pytest.importorskip("numpy")
 pd = pytest.importorskip("pandas")
 
 import forkref  # noqa: E402
-from test_executor import (  # noqa: E402
+
+# The local pools' behaviour tests, collected here again with this module's fixtures.
+from test_executor import (  # noqa: E402, F401
     bad_init,
     get_state,
     init,
@@ -40,7 +42,7 @@ from test_executor import (  # noqa: E402
     test_map_order_chunks_and_multiple_iterables,
     test_submit_and_result,
 )
-from test_pool import (  # noqa: E402
+from test_pool import (  # noqa: E402, F401
     exit_now,
     mul,
     pid_of,
@@ -69,30 +71,6 @@ from test_pool import (  # noqa: E402
 # Actors start in 1-3 s each on a loaded 2-core machine: generous, never a timing claim.
 pytestmark = pytest.mark.timeout(300)
 
-IMPORTED = [
-    test_apply,
-    test_async_results_and_callbacks,
-    test_close_then_join_and_not_running,
-    test_context_manager_terminates,
-    test_error_callback_and_exception_with_worker_traceback,
-    test_failing_initializer_breaks_the_pool_instead_of_respawning_forever,
-    test_imap_infinite_generator_is_consumed_lazily,
-    test_imap_ordered_and_unordered,
-    test_imap_raises_at_the_failing_item,
-    test_imap_unordered_goes_on_after_failing_items,
-    test_initializer_runs_in_every_worker,
-    test_map_and_starmap_keep_order,
-    test_map_of_nothing,
-    test_maxtasksperchild_replaces_workers,
-    test_pool_size_and_worker_pids,
-    test_successful_before_ready_raises,
-    test_terminate_fails_pending_results_instead_of_hanging,
-    test_timeouts,
-    test_as_completed_wait_and_done_callbacks,
-    test_exception_reaches_the_caller_with_the_worker_traceback,
-    test_map_order_chunks_and_multiple_iterables,
-    test_submit_and_result,
-]
 MiB = 2**20
 
 
