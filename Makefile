@@ -1,6 +1,6 @@
 # The two commands of the README's Quickstart:
 #   make demo   builds .venv and runs `forkref bench --quick`: forkref against the stdlib
-#               pools, joblib and mpire on five workloads, every result checked (about a minute)
+#               pools, joblib, mpire (and Ray, when installed) on five workloads, every result checked (1-1.5 min)
 #   make test   builds .venv, runs ruff, mypy --strict and the suite on Python 3.11,
 #               then the smoke subset on every other supported Python that is installed;
 #               with CONFORMANCE=1 also `make conformance` (CPython 3.13's pool tests)
