@@ -361,3 +361,27 @@ def test_submit_from_an_atexit_hook_names_interpreter_shutdown(tmp_path: Any) ->
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
     )
     assert "runtime-error: cannot schedule new futures after interpreter shutdown" in done.stdout
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["imap", "imap_unordered"])
+def test_imap_computes_ahead_of_a_busy_consumer_within_its_window(ordered: bool) -> None:
+    """While the consumer holds its first result, imap reads the input and runs
+    tasks ahead, but never more than its window (about 512 items) beyond it."""
+    read = 0
+
+    def items() -> Any:
+        nonlocal read
+        for i in range(100_000):
+            read += 1
+            yield i
+
+    with forkref.Pool(2) as pool:
+        it = (pool.imap if ordered else pool.imap_unordered)(abs, items())
+        next(it)
+        last, deadline = -1, time.monotonic() + 60
+        while read != last and time.monotonic() < deadline:  # until it stops reading
+            last = read
+            time.sleep(0.5)
+        assert 100 < read <= 1024, f"read {read} items ahead of a consumer that took 1"
+        assert len(list(it)) == 100_000 - 1
+    assert read == 100_000

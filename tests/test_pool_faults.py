@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -299,3 +300,24 @@ def test_a_raising_callback_ends_its_result_and_nothing_else(
             failed.get(timeout=30)
         assert pool.map(abs, [-2, -3]) == [2, 3]
     assert capfd.readouterr().err.count(f"{exc.__name__}: raised by the callback") == 2
+
+
+def test_an_exception_escaping_the_dispatcher_breaks_the_pool_and_fails_what_is_pending(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A bug (here a KeyboardInterrupt injected into the thread's round) never
+    leaves a result pending: the pool breaks, naming it, and says so on submit."""
+    from forkref import _dispatcher
+
+    def broken(self: Any) -> int:
+        raise KeyboardInterrupt("injected into the dispatcher")
+
+    with forkref.Pool(2) as pool:
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        monkeypatch.setattr(_dispatcher.Dispatcher, "_update_poller", broken)
+        pending = pool.apply_async(time.sleep, (30,))
+        with pytest.raises(forkref.BrokenPoolError, match="dispatcher thread failed with Keyb"):
+            pending.get(timeout=60)
+        with pytest.raises(forkref.BrokenPoolError):
+            pool.apply_async(abs, (-3,)).get(timeout=60)
+    assert "injected into the dispatcher" in capfd.readouterr().err
