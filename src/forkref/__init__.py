@@ -1,7 +1,8 @@
 """forkref: hand big objects to process-pool workers by reference, not by pickle.
 
-``share(obj)`` returns a handle whose pickled form is a ~150-byte reference;
-unpickled in a worker forked after the share, it is the original object.
+``share(obj)`` returns a handle whose pickled form is a ~160-byte reference;
+unpickled in a forked worker that holds the object (forked after the share,
+or alive when it forked), it is the original object.
 See the README for the full story and the limits.
 """
 
