@@ -321,3 +321,23 @@ def test_an_exception_escaping_the_dispatcher_breaks_the_pool_and_fails_what_is_
         with pytest.raises(forkref.BrokenPoolError):
             pool.apply_async(abs, (-3,)).get(timeout=60)
     assert "injected into the dispatcher" in capfd.readouterr().err
+
+
+def test_a_dead_fork_server_fails_the_tasks_it_held_and_queued_and_the_pool_goes_on() -> None:
+    """Running tasks die with their workers, queued ones fail naming the fork
+    server, and the next submit forks a fresh generation: nothing stays pending."""
+    with forkref.Pool(2) as p:
+        running = [p.apply_async(time.sleep, (60,)) for _ in range(2)]
+        queued = [p.apply_async(abs, (-i,)) for i in range(3)]
+        deadline = time.monotonic() + 30
+        while len(p.pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [zygote] = p._engine.zygote_pids()
+        os.kill(zygote, signal.SIGKILL)
+        for result in running:
+            with pytest.raises(forkref.WorkerDiedError):
+                result.get(timeout=60)
+        for result in queued:
+            with pytest.raises(forkref.BrokenPoolError, match=r"fork server .* died"):
+                result.get(timeout=60)
+        assert p.map(abs, [-4, -5]) == [4, 5]

@@ -195,6 +195,10 @@ class Dispatcher:
         if engine.commit_window:
             engine.scheduler.commit(engine.commit_window, completions)
         gen = engine.generations.current()
+        if gen is None and engine.server_gone is not None:
+            # The fork server died and no submit has forked a new generation: what
+            # its dying workers put back would wait for ever.
+            completions += [(t, -1, engine.server_gone) for t in engine.scheduler.take_all()]
         if gen is None or engine.broken is not None or engine.terminated:
             return
         active = sum(1 for w in gen.workers if w.accepting())
@@ -377,9 +381,15 @@ class Dispatcher:
             engine.break_locked(err, completions)
             return
         if running is not None:
+            cause = _death_cause(w.status)
+            if w.status is None and w.gen.server is not None and engine.launcher.server_done(w.gen):
+                cause = (
+                    "Its fork server is gone too, and fork workers die with their fork "
+                    "server: it was most likely killed (the OOM killer, kill -9)"
+                )
             err = WorkerDiedError(
                 f"worker pid {w.pid} died ({how}) while running this task, so its result "
-                f"is lost. {_death_cause(w.status)}",
+                f"is lost. {cause}",
                 w.pid,
                 w.status,
             )

@@ -144,6 +144,8 @@ class Engine:
         self.accepting = True
         self.terminated = False
         self.broken: BrokenPoolError | None = None
+        #: Why the last generation's fork server died, while no generation replaces it.
+        self.server_gone: BrokenPoolError | None = None
         self.finished = threading.Event()
         self._started = False
         self._pid = os.getpid()  # a plain fork() child inherits this object: not its pool
@@ -393,6 +395,8 @@ class Engine:
             f"{what} before this task started; submit it again: the next task forks "
             "a fresh generation of workers"
         )
+        # Also the tasks its dying workers put back later (Dispatcher._upkeep).
+        self.server_gone = err
         completions += [(task, -1, err) for task in self.scheduler.take_all()]
 
     def fail(self, err: BaseException) -> None:
