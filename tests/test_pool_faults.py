@@ -341,3 +341,33 @@ def test_a_dead_fork_server_fails_the_tasks_it_held_and_queued_and_the_pool_goes
             with pytest.raises(forkref.BrokenPoolError, match=r"fork server .* died"):
                 result.get(timeout=60)
         assert p.map(abs, [-4, -5]) == [4, 5]
+
+
+def _missing_on_load() -> Any:
+    raise AttributeError("Can't get attribute 'gone' on <module 'somewhere'>")
+
+
+class MissingAtLoad:
+    def __reduce__(self) -> Any:
+        return _missing_on_load, ()
+
+
+@pytest.mark.parametrize(
+    ("method", "says", "never"),
+    [
+        ("fork", "define it before the first task", "importable"),
+        ("spawn", "must be importable there", "define it before"),
+    ],
+)
+def test_a_name_the_worker_cannot_find_is_explained_for_its_start_method(
+    method: str, says: str, never: str
+) -> None:
+    """The message names the cause that holds for the start method in use."""
+    import multiprocessing
+
+    with forkref.Pool(1, context=multiprocessing.get_context(method)) as pool:
+        with pytest.raises(forkref.Error, match="could not unpickle its task") as info:
+            pool.apply(abs, (MissingAtLoad(),))
+        assert says in str(info.value)
+        assert never not in str(info.value)
+        assert pool.apply(abs, (-1,)) == 1
