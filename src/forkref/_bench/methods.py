@@ -77,6 +77,23 @@ def _args(data: Any, run: Run) -> list[tuple[Any, int]]:
     return [(data, i) for i in range(run.tasks)]
 
 
+def _map_each_frame(
+    run: Run, pool: Any, passing: Callable[[Any], contextlib.AbstractContextManager[Any]]
+) -> list[Any]:
+    """The late workload on one long-lived pool: a map over each new frame.
+
+    ``passing(frame)`` gives what the tasks get (the frame, a handle) for the
+    map's duration; the frame goes before the next one is built.
+    """
+    answers = []
+    for frame in _frames(run):
+        with passing(frame) as passed:
+            answers.append(pool.starmap(tasks.work_pid, _args(passed, run)))
+        run.checkpoint()
+        del frame, passed
+    return answers
+
+
 def _result_args(run: Run) -> list[tuple[int, int]]:
     return [(i, run.data) for i in range(run.tasks)]
 
@@ -104,14 +121,13 @@ def _pickled_big(run: Run) -> Any:
 
 @implements("pickled", "late")
 def _pickled_late(run: Run) -> Any:
-    answers = []
+    @contextlib.contextmanager
+    def scaled(frame: Any) -> Iterator[Any]:
+        with run.scaling():
+            yield frame
+
     with _lifetime(run, _fork_pool(run)) as pool:
-        for frame in _frames(run):
-            with run.scaling():
-                answers.append(pool.starmap(tasks.work_pid, _args(frame, run)))
-            run.checkpoint()
-            del frame
-    return answers
+        return _map_each_frame(run, pool, scaled)
 
 
 @implements("pickled", "result", label="stdlib Pool, pickled result")
@@ -178,15 +194,9 @@ def _share_stdlib_big(run: Run) -> Any:
 def _share_stdlib_late(run: Run) -> Any:
     from forkref._handle import share
 
-    answers = []
     # One long-lived pool: each new frame reaches its workers through shared memory.
     with _lifetime(run, _fork_pool(run)) as pool:
-        for frame in _frames(run):
-            with share(frame) as handle:
-                answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
-            run.checkpoint()
-            del frame
-    return answers
+        return _map_each_frame(run, pool, share)
 
 
 @implements("share-stdlib", "result", label="stdlib Pool + export_result()")
@@ -224,14 +234,8 @@ def _forkref_methods(
     def late(run: Run) -> Any:
         from forkref._handle import share
 
-        answers = []
         with setting(run), _lifetime(run, make(run)) as pool:
-            for frame in _frames(run):
-                with share(frame) as handle:
-                    answers.append(pool.starmap(tasks.work_pid, _args(handle, run)))
-                run.checkpoint()
-                del frame
-        return answers
+            return _map_each_frame(run, pool, share)
 
     if results:
 
@@ -267,13 +271,8 @@ def _auto_big(run: Run) -> Any:
 
 @implements("forkref-auto", "late")
 def _auto_late(run: Run) -> Any:
-    answers = []
     with _lifetime(run, _forkref_pool(run, auto_share=True)) as pool:
-        for frame in _frames(run):
-            answers.append(pool.starmap(tasks.work_pid, _args(frame, run)))
-            run.checkpoint()
-            del frame
-    return answers
+        return _map_each_frame(run, pool, contextlib.nullcontext)
 
 
 # -- forkref.Pool over spawn: the shared-memory transport ---------------------------
