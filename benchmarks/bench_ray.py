@@ -126,6 +126,16 @@ class StoreSampler:
             self.peak = max(self.peak, self._used())
 
 
+def checked_seconds(body: Callable[[], list[float]], expect: list[float]) -> float:
+    """Seconds ``body`` takes; it must compute ``expect``."""
+    start = time.perf_counter()
+    results = body()
+    seconds = time.perf_counter() - start
+    if results != expect:
+        raise SystemExit("a peer computed wrong sums: the benchmark is broken")
+    return seconds
+
+
 def timed(
     run: Run,
     body: Callable[[], list[float]],
@@ -135,22 +145,13 @@ def timed(
     """Time ``body`` (sampling the store), check its sums, then read the workers' USS."""
     sampler = StoreSampler()
     with sampler.sampling():
-        start = time.perf_counter()
-        results = body()
-        seconds = time.perf_counter() - start
-    if results != expect:
-        raise SystemExit("a peer computed wrong sums: the benchmark is broken")
+        seconds = checked_seconds(body, expect)
     run.add(seconds, sampler.peak, uss())
 
 
 def timed_again(name: str, body: Callable[[], list[float]], expect: list[float]) -> None:
     """Time a second map over the object already handed over (a pool's later maps)."""
-    start = time.perf_counter()
-    results = body()
-    seconds = time.perf_counter() - start
-    if results != expect:
-        raise SystemExit("a peer computed wrong sums: the benchmark is broken")
-    AGAIN.setdefault(name, Run()).seconds.append(seconds)
+    AGAIN.setdefault(name, Run()).seconds.append(checked_seconds(body, expect))
 
 
 #: Second maps over the same object, per peer (see timed_again).
