@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import secrets
@@ -376,22 +377,38 @@ def pytest_runtest_teardown(item: pytest.Item) -> Any:
     return result
 
 
-@pytest.fixture
-def small_tmpfs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A 1 MiB tmpfs as the segment directory (a plain directory if we cannot mount)."""
-    path = tempfile.mkdtemp(prefix="forkref-test-tmpfs-")
+@contextlib.contextmanager
+def mounted_tmpfs(size: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private tmpfs of ``size`` (mount's ``size=``) as the segment directory.
+
+    Skips the test where no tmpfs can be mounted. At the end, exports whose
+    objects died with the test are collected, and the unmount is retried
+    while their mappings go.
+    """
+    path = tempfile.mkdtemp(prefix=f"forkref-test-tmpfs-{size}-")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
         capture_output=True,
         check=False,
     )
     if mounted.returncode != 0:
         os.rmdir(path)
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr!r}")
-
+        pytest.skip(f"cannot mount a {size} tmpfs here: {mounted.stderr!r}")
     monkeypatch.setenv(_shm.ENV_DIR, path)
     try:
         yield path
     finally:
-        subprocess.run(["umount", path], check=False)
+        gc.collect()
+        deadline = time.monotonic() + 30
+        while subprocess.run(["umount", path], check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         os.rmdir(path)
+
+
+@pytest.fixture
+def small_tmpfs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A 1 MiB tmpfs as the segment directory."""
+    with mounted_tmpfs("1m", monkeypatch) as path:
+        yield path

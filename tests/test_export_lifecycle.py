@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -28,7 +27,8 @@ import psutil
 import pytest
 
 import forkref
-from forkref import _export, _shm
+from conftest import mounted_tmpfs
+from forkref import _export
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,22 +48,8 @@ def _wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
 @pytest.fixture
 def tmpfs_64m(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A private 64 MiB tmpfs as the segment directory (Docker's default /dev/shm size)."""
-    path = tempfile.mkdtemp(prefix="forkref-test-64m-")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", path],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        os.rmdir(path)
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
-    monkeypatch.setenv(_shm.ENV_DIR, path)
-    try:
+    with mounted_tmpfs("64m", monkeypatch) as path:
         yield path
-    finally:
-        gc.collect()  # exports whose objects died with this test
-        _wait_until(lambda: subprocess.run(["umount", path], check=False).returncode == 0)
-        os.rmdir(path)
 
 
 def used_bytes(path: str) -> int:
