@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -377,6 +377,16 @@ def pytest_runtest_teardown(item: pytest.Item) -> Any:
     return result
 
 
+def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(size: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A private tmpfs of ``size`` (mount's ``size=``) as the segment directory.
@@ -399,11 +409,7 @@ def mounted_tmpfs(size: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield path
     finally:
         gc.collect()
-        deadline = time.monotonic() + 30
-        while subprocess.run(["umount", path], check=False).returncode != 0:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: subprocess.run(["umount", path], check=False).returncode == 0)
         os.rmdir(path)
 
 

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ import pandas as pd
 import pytest
 
 import forkref
+from conftest import wait_until
 from forkref import _export, _serialize, _shm
 from forkref._handle import _resolve
 from procmaps import mapping_of
@@ -114,13 +114,6 @@ class Forged:
         return (_resolve, (self.ref,))
 
 
-def _wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # -- behaviour -------------------------------------------------------------------
@@ -243,14 +236,14 @@ def test_spawn_worker_holds_no_private_copy() -> None:
 
 def test_release_drops_the_export() -> None:
     gc.collect()  # handles of earlier tests die, and their exports are pruned
-    assert _wait_until(lambda: _export.stats().live_exports == 0)
+    assert wait_until(lambda: _export.stats().live_exports == 0, seconds=20)
     base = 0
     handle = forkref.share(np.arange(100_000.0))
     with stdlib_pool("Pool", "spawn") as run:
         run(probe, [handle])
     assert _export.stats().live_exports == base + 1
     handle.release()
-    assert _wait_until(lambda: _export.stats().live_exports == base)
+    assert wait_until(lambda: _export.stats().live_exports == base, seconds=20)
 
 
 @pytest.mark.smoke

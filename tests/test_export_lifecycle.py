@@ -17,9 +17,8 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ import psutil
 import pytest
 
 import forkref
-from conftest import mounted_tmpfs
+from conftest import mounted_tmpfs, wait_until
 from forkref import _export
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,13 +35,6 @@ MiB = 1 << 20
 SPAWN = __import__("multiprocessing").get_context("spawn")
 
 
-def _wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -126,12 +118,12 @@ def test_three_maps_export_each_object_once() -> None:
         assert _export.stats().exports - before == 2  # one per object, not one per map
         assert _export.stats().dormant_exports >= 2
     # The pool closed: its workers are gone, and so are the exports they held.
-    assert _wait_until(lambda: _export.stats().live_exports == 0), _export.stats()
+    assert wait_until(lambda: _export.stats().live_exports == 0), _export.stats()
 
 
 def test_an_export_goes_when_its_object_dies() -> None:
     gc.collect()
-    assert _wait_until(lambda: _export.stats().live_exports == 0), _export.stats()
+    assert wait_until(lambda: _export.stats().live_exports == 0), _export.stats()
     with SPAWN.Pool(1) as pool:
         row = Row(10)
         assert pool.apply(size_of, (forkref.share(row),)) == 10
