@@ -327,6 +327,7 @@ class Engine:
                     gen = self.generations.start()
                 with self.lock:
                     self.generations.adopt(gen)
+                    self.server_gone = None  # a new generation serves the queue again
                 self._started = True
             finally:
                 # Also when the fork failed (EAGAIN, ENOMEM) or Ctrl-C came while
