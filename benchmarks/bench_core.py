@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import forkref
-from forkref._bench.data import TASKS, build_frame, parse_size, work
+from forkref._tools.bench.data import TASKS, build_frame, parse_size, work
 
 WORKERS = 2
 _GLOBAL: Any = None

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import forkref
-from forkref._bench.data import (  # the data and tasks forkref bench measures too
+from forkref._tools.bench.data import (  # the data and tasks forkref bench measures too
     TASKS,
     build_dicts,
     build_frame,

@@ -52,7 +52,7 @@ import pandas as pd
 import psutil
 
 import forkref
-from forkref._demo import parse_size
+from forkref._tools.demo import parse_size
 
 MiB = 1 << 20
 TASKS = 16
@@ -98,7 +98,7 @@ class StoreSampler:
     """Peak object-store use (all nodes) while the block runs, sampled every 20 ms."""
 
     def __init__(self) -> None:
-        from forkref._ray import object_store_use
+        from forkref._launchers.ray.launcher import object_store_use
 
         self._read = object_store_use
         self.peak = 0

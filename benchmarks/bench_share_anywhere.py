@@ -2,7 +2,7 @@
 
 Part 1, the hook. At every ``os.fork()`` forkref records weak references to
 the objects the forking thread's frames and module globals hold
-(``forkref._forkrecord``). This measures, side by side with recording on
+(``forkref._refs.forkrecord``). This measures, side by side with recording on
 and off:
 
 * ``scan``: the recording alone, called directly (steady state: the objects
@@ -56,8 +56,8 @@ from typing import Any
 import psutil
 
 import forkref
-from forkref import _forkrecord
-from forkref._demo import build_frame, parse_size
+from forkref._refs import forkrecord
+from forkref._tools.demo import build_frame, parse_size
 
 TASKS = 16
 WORKERS = 2
@@ -102,7 +102,7 @@ def _fork_once() -> float:
 
 def _scan_once() -> float:
     t0 = time.perf_counter()
-    _forkrecord.record(sys._getframe(1))
+    forkrecord.record(sys._getframe(1))
     return time.perf_counter() - t0
 
 
@@ -117,11 +117,11 @@ def hook_cost(depth: int, n_globals: int, forks: int) -> dict[str, Any]:
     for _ in range(forks):
         times["scan"].append(descend(depth, _scan_once))
         times["fork_on"].append(descend(depth, _fork_once))
-        _forkrecord.set_enabled(False)
+        forkrecord.set_enabled(False)
         try:
             times["fork_off"].append(descend(depth, _fork_once))
         finally:
-            _forkrecord.set_enabled(True)
+            forkrecord.set_enabled(True)
     del sys.modules[mod.__name__]
     # Best of N: on a busy machine the median measures the neighbours too.
     best = {f"{k}_us": 1e6 * min(v) for k, v in times.items()}
@@ -165,7 +165,7 @@ def _scenario(mode: str, frame: Any) -> tuple[float, list[float]]:
     handle = forkref.share(df) if mode == "share-before" else None
     if mode in ("global", "no hook"):
         _GLOBAL = df
-    hooked = _forkrecord.set_enabled(mode != "no hook")
+    hooked = forkrecord.set_enabled(mode != "no hook")
     gc.collect()
     try:
         t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def _scenario(mode: str, frame: Any) -> tuple[float, list[float]]:
             out = pool.starmap(fn, [(arg, i) for i in range(TASKS)], 1)
             elapsed = time.perf_counter() - t0
     finally:
-        _forkrecord.set_enabled(hooked)
+        forkrecord.set_enabled(hooked)
         _GLOBAL = None
     return elapsed, out
 

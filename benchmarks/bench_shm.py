@@ -41,7 +41,7 @@ import pandas as pd
 import psutil
 
 import forkref
-from forkref._bench.data import parse_size
+from forkref._tools.bench.data import parse_size
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 import pytest
 
-from forkref import _shm
+from forkref._shm import segments as _shm
 
 SESSION_ENV = "FORKREF_TEST_SESSION"
 # pyarrow (imported with pandas) runs jemalloc with a background thread: a
@@ -261,7 +261,7 @@ KNOWN_CAUSES = (
         "forkref-export",
         (3, 13),
         False,
-        "forkref._export._after_fork_parent restarts the export thread inside os.fork(), "
+        "forkref._shm.export._after_fork_parent restarts the export thread inside os.fork(), "
         "and Python 3.13 counts threads after the at-fork hooks (3.12 before them)",
     ),
 )

@@ -11,13 +11,13 @@ the next cell then, while it prints:
    printing. Each map must finish within ``timeout`` seconds, or the run
    counts a hung child and stops.
 2. makes ``raw_forks`` bare ``os.fork()`` children that only check the same
-   lock, without and with :func:`forkref._threads.kernel_stream_locks`
+   lock, without and with :func:`forkref._fork.threads.kernel_stream_locks`
    around the fork: the hazard itself, and forkref's remedy (the part of
    ``fork_safe_stdio`` that keeps locks free; its flush is left out, as it
    would make the fork wait for IOPub to catch up with the printing thread).
 
 Used by tests/test_notebook.py (small counts) and, for the figures in
-forkref/_threads.py, by ``python benchmarks/fork_while_printing.py``.
+forkref/threads.py, by ``python benchmarks/fork_while_printing.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kernel_harness import execute, notebook, stream_text
 _CHATTER = """
 import os, sys, threading, time, multiprocessing, warnings
 import forkref
-from forkref import _threads
+from forkref._fork import threads
 stop_chatter = threading.Event()
 chatter_lines = 0
 
@@ -64,7 +64,7 @@ def task(i):
 def raw_forks(n, locked):
     held = 0
     for _ in range(n):
-        with _threads.kernel_stream_locks() if locked else contextlib.nullcontext():
+        with threads.kernel_stream_locks() if locked else contextlib.nullcontext():
             pid = os.fork()
         if pid == 0:
             os._exit(0 if lock_is_free() else 3)
@@ -111,7 +111,7 @@ class Measurement:
         held: workers that inherited a held ``sys.stdout`` lock.
         raw_forks: bare ``os.fork()`` children per variant (without, with the locks).
         raw_held: of those without forkref's locks, children that inherited it held.
-        raw_held_locked: the same with :func:`forkref._threads.kernel_stream_locks`.
+        raw_held_locked: the same with :func:`forkref._fork.threads.kernel_stream_locks`.
         chatter_lines: lines the printing thread printed meanwhile.
         worker_lines: lines the pools' workers printed that reached the cell.
     """

@@ -233,7 +233,7 @@ def no_leftovers() -> Iterator[None]:
 
 
 class ChannelDriver:
-    """Drives :class:`forkref._ray.RayChannel` objects the way the pool engine's dispatcher does.
+    """Drives Ray channel objects the way the pool engine's dispatcher does.
 
     Used to test the Ray launcher and the actor side on their own. Tasks are
     pickled by the Ray encoder, sent, and their replies decoded into
@@ -242,8 +242,8 @@ class ChannelDriver:
     """
 
     def __init__(self, launcher: Any, share_threshold: int | None = 2**20) -> None:
-        from forkref._autoshare import AutoSharer
-        from forkref._generations import Generation
+        from forkref._engine.generations import Generation
+        from forkref._share.autoshare import AutoSharer
 
         self.launcher = launcher
         self.sharer = AutoSharer(share_threshold, auto_share=True, by_reference=True)
@@ -257,7 +257,7 @@ class ChannelDriver:
         return self.launcher.launch(self.gen, next(self._wids))
 
     def encode(self, kind: int, fn: Any, datas: list[Any]) -> list[Any]:
-        from forkref._scheduler import Task
+        from forkref._engine.scheduler import Task
 
         fn_blob = self.encoder.encode_function(fn)
         tasks = []
@@ -290,7 +290,7 @@ class ChannelDriver:
         import pickle
         import select
 
-        from forkref._wire import HDR, OK, READY
+        from forkref._engine.wire import HDR, OK, READY
 
         got: dict[int, tuple[Any, Any]] = {}
         while len(got) < len(tasks):

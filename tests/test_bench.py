@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from forkref._bench.registry import METHODS, Run, implements, load, method
-from forkref._cli import main
+from forkref._tools.bench.registry import METHODS, Run, implements, load, method
+from forkref._tools.cli import main
 
 TINY = [
     "--size", "2MiB", "--items", "4000", "--late-iters", "2", "--result-size", "1MiB",
@@ -118,7 +118,7 @@ def fake_methods() -> Iterator[None]:
     def _wrong(run: Run) -> Any:
         import multiprocessing as mp
 
-        from forkref._bench.tasks import work_pid
+        from forkref._tools.bench.tasks import work_pid
 
         with mp.get_context("fork").Pool(1) as pool:
             answers = pool.starmap(work_pid, [(run.data, i) for i in range(run.tasks)])
@@ -262,7 +262,7 @@ def _benchmark_module(name: str) -> Any:
 
 
 def test_benchmarks_and_the_bench_measure_the_same_data_and_tasks() -> None:
-    from forkref._bench import data, tasks
+    from forkref._tools.bench import data, tasks
 
     pools, core = _benchmark_module("bench_pools"), _benchmark_module("bench_core")
     for name in ("build_frame", "build_dicts", "late_frame", "work", "trivial", "parse_size"):

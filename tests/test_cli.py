@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import forkref
-from forkref._cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
+from forkref._tools.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 
 
 def _forkref(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +49,7 @@ def test_no_command_is_a_usage_error() -> None:
 
 def test_exit_codes_are_the_documented_ones() -> None:
     assert (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED) == (0, 1, 2, 130)
-    assert main.__module__ == "forkref._cli"
+    assert main.__module__ == "forkref._tools.cli"
 
 
 def test_demo_still_runs(capsys: pytest.CaptureFixture[str]) -> None:

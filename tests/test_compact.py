@@ -360,7 +360,7 @@ _SCRIPT = textwrap.dedent(
     """
     import pickle, sys
     import forkref
-    from forkref import _compact
+    from forkref._memory import compact as _compact
     if sys.argv[1] == "dump":
         d = forkref.compact_dict((f"k{i}", i) for i in range(2000))
         sys.stdout.buffer.write(pickle.dumps(d, protocol=5))
@@ -395,10 +395,10 @@ def test_dict_rebuilds_its_index_in_a_process_with_another_hash_salt() -> None:
 
 def test_rebuilt_from_a_shared_memory_segment_without_copy() -> None:
     """Through forkref's segment serializer (issue 4) the buffers stay views of the mapping."""
-    serialize = pytest.importorskip("forkref._serialize")
+    serialize = pytest.importorskip("forkref._shm.serialize")
     np = pytest.importorskip("numpy")
     if not all(hasattr(serialize, name) for name in ("plan", "write", "rebuild")):
-        pytest.skip("forkref._serialize has no plan/write/rebuild")
+        pytest.skip("forkref._shm.serialize has no plan/write/rebuild")
     c = forkref.compact(records(10_000))
     d = forkref.compact_dict((f"k{i}", i) for i in range(1000))
     for obj, data in ((c, lambda r: r._data), (d, lambda r: r._values._data)):

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from forkref import _shm
+from forkref._shm import segments
 
 pytest_plugins = ["pytester"]
 
@@ -30,17 +30,17 @@ _PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 
 
 def _segment_dir() -> str:
-    return _shm.segment_dir()
+    return segments.segment_dir()
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_workers_see_the_sessions_own_segment_directory(method: str) -> None:
-    directory = os.environ[_shm.ENV_DIR]
+    directory = os.environ[segments.ENV_DIR]
     assert os.path.basename(directory).startswith("forkref-tests-")
     assert os.path.isdir(directory)
     with mp.get_context(method).Pool(1) as pool:
         assert pool.apply(_segment_dir) == directory
-    script = "from forkref import _shm; print(_shm.segment_dir())"
+    script = "from forkref import _shm; print(segments.segment_dir())"
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from forkref._doctor import diagnose, render
+from forkref._tools.doctor import diagnose, render
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -115,7 +115,7 @@ def test_other_threads_are_reported_with_a_warning() -> None:
 
 @pytest.mark.parametrize("mode", ["always", "madvise"])
 def test_huge_page_modes_are_explained(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    from forkref import _doctor
+    from forkref._tools import doctor as _doctor
 
     def read_mode(path: str) -> str | None:
         return mode if path.endswith("/enabled") else None

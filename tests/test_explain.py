@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import forkref
-from forkref._registry import registry
+from forkref._refs.registry import registry
 
 
 def _frame(nbytes: int) -> pd.DataFrame:

@@ -31,8 +31,10 @@ import pytest
 
 import forkref
 from conftest import wait_until
-from forkref import _export, _serialize, _shm
-from forkref._handle import _resolve
+from forkref._share.handle import _resolve
+from forkref._shm import export as _export
+from forkref._shm import segments as _shm
+from forkref._shm import serialize
 from procmaps import mapping_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -274,7 +276,7 @@ def test_sharing_process_resolves_its_own_handle_without_export() -> None:
 _FORK_PROBE = """
 import json, os, pickle, sys, threading, warnings
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 
 def names():
     return {t.name for t in threading.enumerate()}
@@ -350,7 +352,7 @@ def test_plain_python_object_is_rebuilt_once_per_worker(method: str) -> None:
 _SHARER = """
 import json, pickle, sys
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 h = forkref.share({"payload": list(range(10))})
 data = pickle.dumps(h)
 print(json.dumps({"handle": data.hex(),
@@ -437,10 +439,10 @@ def test_worker_refuses_a_squatter_on_the_address_of_an_exited_sharer(
     command, user = _squatter_command(as_other_user)
     shared = json.loads(_python(_SHARER).stdout)  # shared, pickled, and exited
     marker = str(tmp_path / "unpickled-the-squatters-payload")
-    plan = _serialize.plan(_RunsOnUnpickle(marker))
+    plan = serialize.plan(_RunsOnUnpickle(marker))
     fd = _shm.create_anonymous(plan.size, "a squatter's payload")
     try:
-        _serialize.write(plan, fd, "a squatter's payload")
+        serialize.write(plan, fd, "a squatter's payload")
         with subprocess.Popen(
             [*command, shared["address"], str(fd), str(plan.size)],
             stdout=subprocess.PIPE,
@@ -475,7 +477,7 @@ print(json.dumps({"reply": data.decode(), "fds": len(fds)}))
 
 
 def _request_line(ref: Any) -> str:
-    from forkref._exporter import request_line
+    from forkref._shm.server import request_line
 
     return request_line(ref).decode().rstrip("\n")
 
@@ -557,7 +559,7 @@ def test_export_thread_survives_a_fork_and_a_system_exit_from_an_exported_object
 _FORK_IN_PAUSE = """
 import os, pickle, subprocess, sys
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 WORKER = sys.stdin.read()
 pickle.dumps(forkref.share({"x": 1}))  # the parent serves
 with _export.paused():
@@ -586,7 +588,7 @@ def test_child_forked_inside_paused_serves_its_own_shares() -> None:
 _FORK_HOLDS_LOCK = """
 import os, pickle, threading
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 seen = []
 def probe():
     # Runs after forkref's before-fork hook (registered later, run earlier).
@@ -615,16 +617,17 @@ def test_fork_holds_the_server_lock_from_before_to_after() -> None:
 
 _REQUEST_CLIENT = """
 import json, os, sys
-from forkref import _exporter, _fetcher
+from forkref._shm import server as _exporter
+from forkref._shm import client
 f = json.loads(sys.argv[1])
 ref = _exporter.parse_request(sys.argv[1].encode())
 results = []
 for _ in range(int(sys.argv[2])):
-    link = _fetcher._Link()
+    link = client._Link()
     before = len(os.listdir("/proc/self/fd"))
     try:
-        reply, fds = _fetcher._ask(link, ref)
-    except _fetcher.FetchError as err:
+        reply, fds = client._ask(link, ref)
+    except client.FetchError as err:
         link.close()
         results.append({"error": str(err), "leaked": len(os.listdir("/proc/self/fd")) - before})
     else:
@@ -654,7 +657,7 @@ def test_received_segment_descriptor_is_close_on_exec() -> None:
 def test_malformed_replies_close_the_descriptors_they_carry() -> None:
     import threading
 
-    from forkref._registry import Reference
+    from forkref._refs.registry import Reference
 
     # A server at an address of this process (so the peer check passes) that
     # answers with garbage plus a descriptor.
@@ -694,7 +697,7 @@ def test_malformed_replies_close_the_descriptors_they_carry() -> None:
 _RESTART = """
 import os, pickle, subprocess, sys, threading
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 WORKER = sys.stdin.read()
 first = forkref.share({"x": 1})
 pickle.dumps(first)

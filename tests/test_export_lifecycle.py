@@ -27,7 +27,7 @@ import pytest
 
 import forkref
 from conftest import mounted_tmpfs, wait_until
-from forkref import _export
+from forkref._shm import export as _export
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -323,7 +323,7 @@ def test_a_worker_of_another_user_is_told_why() -> None:
 _DEFERRED = """
 import json, os, pickle, select, subprocess, sys, threading
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 WORKER = sys.stdin.read()
 names = lambda: {t.name for t in threading.enumerate()}
 handle = forkref.share({"a": 1, "b": 2})

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 import forkref
-from forkref import _shm
+from forkref._shm import segments as _shm
 from procmaps import mapping_of
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import forkref
-from forkref import _forkrecord
+from forkref._refs import forkrecord
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,7 +143,7 @@ def test_object_born_at_a_dead_ones_address_is_never_taken_for_it() -> None:
     old = Wide(1)
     address = id(old)
     child = forked_child()  # the child holds `old` at `address`, and its record
-    assert _forkrecord.find(old) is not None
+    assert forkrecord.find(old) is not None
     del old
     gc.collect()
     new, _kept = object_at(address, lambda: Wide(2))
@@ -186,12 +186,12 @@ def test_one_level_into_containers_and_a_local_objects_attributes() -> None:
     box.attr = Obj(6)  # type: ignore[attr-defined]
     deep = holder["deep"]["b"]
     del deep  # only reachable two levels down now
-    _forkrecord.record(sys._getframe())
-    assert _forkrecord.find(inner[0]) is not None
-    assert _forkrecord.find(holder["a"]) is not None
-    assert _forkrecord.find(box.attr) is not None  # type: ignore[attr-defined]
-    assert _forkrecord.find(holder["deep"]["b"]) is None  # two levels: not looked at
-    assert _forkrecord.find(inner) is None  # a plain list cannot be weakly referenced
+    forkrecord.record(sys._getframe())
+    assert forkrecord.find(inner[0]) is not None
+    assert forkrecord.find(holder["a"]) is not None
+    assert forkrecord.find(box.attr) is not None  # type: ignore[attr-defined]
+    assert forkrecord.find(holder["deep"]["b"]) is None  # two levels: not looked at
+    assert forkrecord.find(inner) is None  # a plain list cannot be weakly referenced
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 instances always have a dict")
@@ -199,17 +199,17 @@ def test_looking_into_a_local_object_leaves_no_dict_on_it() -> None:
     box = Obj(1)
     box.attr = Obj(2)  # type: ignore[attr-defined]
     assert not any(type(r) is dict for r in gc.get_referents(box))  # attributes kept inline
-    _forkrecord.record(sys._getframe())
-    assert _forkrecord.find(box.attr) is not None  # type: ignore[attr-defined]
+    forkrecord.record(sys._getframe())
+    assert forkrecord.find(box.attr) is not None  # type: ignore[attr-defined]
     # Reading box.__dict__ would have made CPython build one for good.
     assert not any(type(r) is dict for r in gc.get_referents(box))
 
 
 def test_containers_are_looked_into_up_to_the_limit() -> None:
-    many = [Obj(i) for i in range(_forkrecord.EXPAND_LIMIT + 100)]
-    _forkrecord.record(sys._getframe())
-    assert _forkrecord.find(many[_forkrecord.EXPAND_LIMIT - 1]) is not None
-    assert _forkrecord.find(many[_forkrecord.EXPAND_LIMIT]) is None
+    many = [Obj(i) for i in range(forkrecord.EXPAND_LIMIT + 100)]
+    forkrecord.record(sys._getframe())
+    assert forkrecord.find(many[forkrecord.EXPAND_LIMIT - 1]) is not None
+    assert forkrecord.find(many[forkrecord.EXPAND_LIMIT]) is None
 
 
 GLOBAL_OBJ = Obj(11)
@@ -224,7 +224,7 @@ def _recurse(depth: int) -> None:
     if depth > 0:
         _recurse(depth - 1)
     else:
-        _forkrecord.record(sys._getframe())
+        forkrecord.record(sys._getframe())
 
 
 def test_a_deep_stack_is_looked_at_from_both_ends() -> None:
@@ -234,11 +234,11 @@ def test_a_deep_stack_is_looked_at_from_both_ends() -> None:
 
     def outermost() -> None:  # a thread's stack: this frame is among its outermost
         marker = Obj(-1)
-        _recurse(_forkrecord.INNER_FRAMES * 3)
+        _recurse(forkrecord.INNER_FRAMES * 3)
         made = _DEEP[0]  # outermost first
-        found["outer"] = _forkrecord.find(marker) is not None
-        found["inner"] = _forkrecord.find(made[-1]) is not None
-        found["middle"] = _forkrecord.find(made[len(made) // 2]) is not None
+        found["outer"] = forkrecord.find(marker) is not None
+        found["inner"] = forkrecord.find(made[-1]) is not None
+        found["middle"] = forkrecord.find(made[len(made) // 2]) is not None
 
     _DEEP[0].clear()
     thread = threading.Thread(target=outermost)
@@ -253,31 +253,31 @@ def test_a_huge_module_is_looked_at_up_to_its_most_recent_globals() -> None:
 
     module = types.ModuleType("forkref_test_huge_module")
     names = vars(module)
-    for i in range(_forkrecord.NAMESPACE_LIMIT + 100):
+    for i in range(forkrecord.NAMESPACE_LIMIT + 100):
         names[f"g{i}"] = Obj(i)
     code = compile("def here():\n    return sys._getframe()\n", module.__name__, "exec")
     names["sys"] = sys
     exec(code, names)
     del names  # a local dict would be looked into itself
-    _forkrecord.record(module.here())
-    newest = getattr(module, f"g{_forkrecord.NAMESPACE_LIMIT + 99}")
-    assert _forkrecord.find(newest) is not None
-    assert _forkrecord.find(module.g0) is None  # beyond the limit, the oldest
+    forkrecord.record(module.here())
+    newest = getattr(module, f"g{forkrecord.NAMESPACE_LIMIT + 99}")
+    assert forkrecord.find(newest) is not None
+    assert forkrecord.find(module.g0) is None  # beyond the limit, the oldest
 
 
 def test_module_globals_are_recorded() -> None:
-    _forkrecord.record(sys._getframe())
-    found = _forkrecord.find(GLOBAL_OBJ)
+    forkrecord.record(sys._getframe())
+    found = forkrecord.find(GLOBAL_OBJ)
     assert found is not None
     assert found.key == id(GLOBAL_OBJ)
 
 
 def test_what_cannot_be_weakly_referenced_is_never_recorded() -> None:
     plain = [{"a": 1}, b"bytes", bytearray(10), (1, 2)]
-    _forkrecord.record(sys._getframe())
+    forkrecord.record(sys._getframe())
     for obj in plain:
-        assert not _forkrecord.weakrefable(obj)
-        assert _forkrecord.find(obj) is None
+        assert not forkrecord.weakrefable(obj)
+        assert forkrecord.find(obj) is None
     handle = forkref.share(plain[0])
     assert not handle.ref.weakrefable
     assert not handle.ref.record
@@ -285,53 +285,53 @@ def test_what_cannot_be_weakly_referenced_is_never_recorded() -> None:
 
 def test_an_object_keeps_the_first_fork_that_recorded_it() -> None:
     obj = Obj(1)
-    _forkrecord.record(sys._getframe(), token=111, seq=1)
-    _forkrecord.record(sys._getframe(), token=222, seq=2)
-    found = _forkrecord.find(obj)
+    forkrecord.record(sys._getframe(), token=111, seq=1)
+    forkrecord.record(sys._getframe(), token=222, seq=2)
+    found = forkrecord.find(obj)
     assert found is not None
     assert found.token == 111
-    assert _forkrecord.lookup(id(obj), 111) is obj
-    assert _forkrecord.lookup(id(obj), 222) is None  # another fork's token never matches
+    assert forkrecord.lookup(id(obj), 111) is obj
+    assert forkrecord.lookup(id(obj), 222) is None  # another fork's token never matches
 
 
 def test_a_dead_objects_entry_goes_with_it() -> None:
     obj = Obj(1)
     key = id(obj)
-    _forkrecord.record(sys._getframe(), token=333, seq=1)
-    assert _forkrecord.lookup(key, 333) is obj
+    forkrecord.record(sys._getframe(), token=333, seq=1)
+    assert forkrecord.lookup(key, 333) is obj
     del obj
     gc.collect()
-    assert _forkrecord.lookup(key, 333) is None
-    assert key not in _forkrecord._table or _forkrecord._table[key].token != 333
+    assert forkrecord.lookup(key, 333) is None
+    assert key not in forkrecord._table or forkrecord._table[key].token != 333
 
 
 def test_last_fork_numbers_the_calling_threads_forks() -> None:
-    before = _forkrecord.last_fork()
+    before = forkrecord.last_fork()
     in_child(lambda: None)
-    after = _forkrecord.last_fork()
+    after = forkrecord.last_fork()
     assert after > before
     obj = Obj(1)
     in_child(lambda: None)
-    found = _forkrecord.find(obj)
+    found = forkrecord.find(obj)
     assert found is not None
     assert found.seq > after
 
 
 def test_disabled_recording_records_nothing() -> None:
-    previous = _forkrecord.set_enabled(False)
+    previous = forkrecord.set_enabled(False)
     try:
         obj = Obj(1)
         in_child(lambda: None)
-        assert _forkrecord.find(obj) is None
+        assert forkrecord.find(obj) is None
     finally:
-        _forkrecord.set_enabled(previous)
+        forkrecord.set_enabled(previous)
 
 
 def test_a_failing_scan_never_breaks_the_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> int:
         raise RuntimeError("scan failed")
 
-    monkeypatch.setattr(_forkrecord, "record", broken)
+    monkeypatch.setattr(forkrecord, "record", broken)
     assert in_child(os.getpid) > 0
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import forkref
 from forkref import NotInheritedError, ReleasedError, share
-from forkref._registry import registry
+from forkref._refs.registry import registry
 
 FORK = mp.get_context("fork")
 
@@ -138,7 +138,7 @@ def test_unavailable_placeholder_raises_on_every_use_but_repr() -> None:
     data = pickle.dumps(handle)
     handle.release()
     ghost = pickle.loads(data)  # never raises while unpickling
-    assert isinstance(ghost, forkref._handle.Unavailable)
+    assert isinstance(ghost, forkref._share.handle.Unavailable)
     assert "forkref.Unavailable" in repr(ghost)
     uses = [
         lambda: ghost.n,
@@ -306,7 +306,7 @@ def resolve_all(blobs: list[bytes]) -> list[str]:
     seen = []
     for blob in blobs:
         obj = pickle.loads(blob)
-        if isinstance(obj, forkref._handle.Unavailable):
+        if isinstance(obj, forkref._share.handle.Unavailable):
             try:
                 obj.n
             except NotInheritedError:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from forkref._autoshare import AutoSharer
-from forkref._taskpickle import TaskEncoder
+from forkref._share.autoshare import AutoSharer
+from forkref._share.taskpickle import TaskEncoder
 
 METHODS = ["spawn", "forkserver"]
 

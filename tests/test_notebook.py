@@ -39,7 +39,7 @@ def _json_lines(cell: Any) -> list[Any]:
 THREADS = """
 import json, threading, warnings
 import forkref
-from forkref import _threads
+from forkref._fork import threads as _threads
 
 def judged():
     me = threading.current_thread()

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 import forkref
-from forkref._registry import registry
+from forkref._refs.registry import registry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -427,7 +427,7 @@ def test_late_objects_get_a_fresh_generation() -> None:
 
 
 def test_foreign_thread_warns_once_in_forkrefs_words() -> None:
-    import forkref._threads as threads
+    from forkref._fork import threads
 
     stop = threading.Event()
     t = threading.Thread(target=stop.wait, name="some-user-thread")

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import forkref
-from forkref._registry import registry
+from forkref._refs.registry import registry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -305,7 +305,7 @@ def test_buffers_and_deques_are_sized_and_warned_about() -> None:
     import array
     import collections
 
-    from forkref._autoshare import estimate_size
+    from forkref._share.autoshare import estimate_size
 
     arr = array.array("d", bytes(4 * MiB))
     dq = collections.deque(range(300_000))

@@ -265,7 +265,7 @@ def test_complete_results_read_before_a_dead_workers_partial_one_are_kept() -> N
     and the worker dies mid-send. The whole result must reach its task."""
     import socket
 
-    from forkref._wire import HDR, LEN, OK, READ_SIZE, read_messages
+    from forkref._engine.wire import HDR, LEN, OK, READ_SIZE, read_messages
 
     parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with parent, worker:
@@ -307,7 +307,7 @@ def test_an_exception_escaping_the_dispatcher_breaks_the_pool_and_fails_what_is_
 ) -> None:
     """A bug (here a KeyboardInterrupt injected into the thread's round) never
     leaves a result pending: the pool breaks, naming it, and says so on submit."""
-    from forkref import _dispatcher
+    from forkref._engine import dispatcher as _dispatcher
 
     def broken(self: Any) -> int:
         raise KeyboardInterrupt("injected into the dispatcher")

@@ -1,6 +1,6 @@
 """forkref's own pools with share() anywhere: what the engine's wiring must give.
 
-Needs the engine to call forkref._forkrecord and forkref._export (see the
+Needs the engine to call forkref._refs.forkrecord and forkref._shm.export (see the
 wiring patch): a generation records the caller's objects at its fork, its
 fork server records nothing, handles pickled for forked workers start no
 export thread, and workers drop released copies before each task.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import forkref
-from forkref import _export
+from forkref._shm import export as _export
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -58,7 +58,7 @@ def total(arr: Any) -> float:
 
 @pytest.mark.timeout(120)
 def test_small_late_object_goes_through_shared_memory_not_a_new_generation() -> None:
-    from forkref import _export
+    from forkref._shm import export as _export
 
     with forkref.Pool(2) as pool:
         pool.apply(abs, (1,))  # generation 1 is up
@@ -72,7 +72,7 @@ def test_small_late_object_goes_through_shared_memory_not_a_new_generation() -> 
 
 @pytest.mark.timeout(120)
 def test_big_late_object_forks_a_new_generation() -> None:
-    from forkref import _export
+    from forkref._shm import export as _export
 
     with forkref.Pool(2) as pool:
         pool.apply(abs, (1,))

@@ -12,8 +12,8 @@ import tqdm
 from tqdm.std import TMonitor
 
 import forkref
-from forkref import _progress
-from forkref._progress import Progress
+from forkref._pools import progress as _progress
+from forkref._pools.progress import Progress
 
 
 def _bar_text(out: io.StringIO) -> str:

@@ -1,6 +1,7 @@
 """The Ray backend's actor side and its channel, on a real local Ray.
 
-Modules forkref._ray and forkref._ray_worker. Tasks are pickled by the Ray
+Modules forkref._launchers.ray.launcher and forkref._launchers.ray.actor. Tasks are
+pickled by the Ray
 encoder and driven through the channels as the pool engine's dispatcher does
 (tests/ray_harness.py); the pool-level behaviour is tested with the local
 pools' tests.
@@ -25,9 +26,9 @@ np = pytest.importorskip("numpy")
 pd = pytest.importorskip("pandas")
 
 import forkref  # noqa: E402
-from forkref._ray import RayLauncher  # noqa: E402
-from forkref._taskpickle import CALL, MAP  # noqa: E402
-from forkref._worker import WorkerSetup  # noqa: E402
+from forkref._engine.worker import WorkerSetup  # noqa: E402
+from forkref._launchers.ray.launcher import RayLauncher  # noqa: E402
+from forkref._share.taskpickle import CALL, MAP  # noqa: E402
 
 MiB = 2**20
 
@@ -120,9 +121,9 @@ def test_functions_of_the_drivers_main_module_work() -> None:
     script = textwrap.dedent(
         """
         import ray_harness, forkref
-        from forkref._ray import RayLauncher
-        from forkref._taskpickle import CALL, MAP
-        from forkref._worker import WorkerSetup
+        from forkref._launchers.ray.launcher import RayLauncher
+        from forkref._share.taskpickle import CALL, MAP
+        from forkref._engine.worker import WorkerSetup
 
         SCALE = 3
 

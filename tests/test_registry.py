@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forkref import NotInheritedError
-from forkref._registry import Reference, collect_references, registry
+from forkref._refs.registry import Reference, collect_references, registry
 
 
 class Payload:

@@ -1,4 +1,4 @@
-"""Serialization into one segment (forkref._serialize): round trips, zero copy, read-only."""
+"""Serialization into one segment (forkref._shm.serialize): round trips, zero copy, read-only."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import forkref
-from forkref import _serialize, _shm
+from forkref._shm import segments, serialize
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,18 +25,18 @@ class Segment:
     """An object written to an anonymous segment and mapped read-only."""
 
     def __init__(self, obj: object) -> None:
-        self.plan = _serialize.plan(obj)
-        fd = _shm.create_anonymous(self.plan.size, "a test object")
+        self.plan = serialize.plan(obj)
+        fd = segments.create_anonymous(self.plan.size, "a test object")
         try:
-            _serialize.write(self.plan, fd, "a test object")
-            self.mapping = _shm.map_readonly(fd, self.plan.size)
+            serialize.write(self.plan, fd, "a test object")
+            self.mapping = segments.map_readonly(fd, self.plan.size)
         finally:
             os.close(fd)
         # numpy can view a read-only mmap; its data pointer is the mapping's base.
         self.base = np.frombuffer(self.mapping, np.uint8).__array_interface__["data"][0]
 
     def rebuild(self) -> Any:
-        return _serialize.rebuild(self.mapping)
+        return serialize.rebuild(self.mapping)
 
     def contains(self, address: int, nbytes: int = 1) -> bool:
         return self.base <= address and address + nbytes <= self.base + self.plan.size
@@ -83,7 +83,7 @@ def test_numpy_round_trip_is_zero_copy_aligned_and_read_only() -> None:
     again = seg.rebuild()
     np.testing.assert_array_equal(again, arr)
     assert seg.contains(_numpy_address(again), again.nbytes)
-    assert _numpy_address(again) % _serialize.ALIGN == 0
+    assert _numpy_address(again) % serialize.ALIGN == 0
     assert not again.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         again[0, 0] = 1.0
@@ -191,10 +191,10 @@ def test_corrupt_segment_is_a_clear_error() -> None:
     bad = mmap.mmap(-1, 4096)
     bad.write(b"NOTFORKREF" + b"\0" * 100)
     with pytest.raises(forkref.SharedMemoryError, match="corrupt forkref segment"):
-        _serialize.rebuild(bad)
+        serialize.rebuild(bad)
     tiny = mmap.mmap(-1, 16)
     with pytest.raises(forkref.SharedMemoryError, match="corrupt"):
-        _serialize.rebuild(tiny)
+        serialize.rebuild(tiny)
 
 
 _scalars = st.one_of(
@@ -235,4 +235,4 @@ def test_round_trip_property(obj: Any) -> None:
     again = seg.rebuild()
     assert _equal(obj, again)
     for offset in seg.plan.offsets:
-        assert offset % _serialize.ALIGN == 0
+        assert offset % serialize.ALIGN == 0

@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 import forkref
-from forkref import _export, share
+from forkref import share
+from forkref._shm import export
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,9 +57,9 @@ def parent() -> list[int]:
 
 @pytest.mark.smoke
 def test_the_threads_code_verbatim_pickles_nothing() -> None:
-    before = _export.stats()
+    before = export.stats()
     assert parent() == [2, 4]  # BigObject.__reduce__ raises: nothing was pickled
-    after = _export.stats()
+    after = export.stats()
     assert after.exports == before.exports  # nor exported through shared memory
     assert after.served == before.served
 

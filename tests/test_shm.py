@@ -1,4 +1,4 @@
-"""Segments (forkref._shm): naming, modes, the space check, the janitor."""
+"""Segments (forkref._shm.segments): naming, modes, the space check, the janitor."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import forkref
-from forkref import _shm
+from forkref._shm import segments as _shm
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,7 +130,7 @@ def test_missing_directory_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
 _WRITER = textwrap.dedent(
     """
     import os, signal, sys
-    from forkref import _shm
+    from forkref._shm import segments as _shm
     path, fd = _shm.create_named(4096, "a result")
     print(path, flush=True)
     if sys.argv[1] == "fork":
@@ -199,7 +199,7 @@ def _unlink_all(paths: list[str]) -> None:
 _ORPHAN = textwrap.dedent(
     """
     import multiprocessing as mp, os, signal, time
-    from forkref import _shm
+    from forkref._shm import segments as _shm
 
     def writer(parent_pid):
         while os.getppid() == parent_pid:  # until the parent below is dead
@@ -248,7 +248,7 @@ def test_janitor_of_an_orphaned_writer_unlinks_and_exits(tmp_path: Path) -> None
 _JANITOR_KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from forkref import _shm
+    from forkref._shm import segments as _shm
     path1, _ = _shm.create_named(4096, "a result")
     old = _shm._janitor_pid
     os.kill(old, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""forkref._threads outside a kernel: foreign threads warn once per call site, with advice
+"""forkref._fork.threads outside a kernel: foreign threads warn once per call site, with advice
 that keeps zero copy; stdout is flushed before the fork. The kernel's side (its threads
 recognised, its stream locks taken around the fork) runs in a real kernel:
 tests/test_notebook.py."""
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 import forkref
-from forkref import _threads
+from forkref._fork import threads as _threads
 
 
 def sqr(x: int) -> int:

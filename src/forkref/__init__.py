@@ -6,7 +6,6 @@ or alive when it forked), it is the original object.
 See the README for the full story and the limits.
 """
 
-from forkref._compact import CompactDict, CompactList, compact, compact_dict
 from forkref._errors import (
     BrokenPoolError,
     CompactError,
@@ -24,14 +23,15 @@ from forkref._errors import (
     TaskPicklingError,
     WorkerDiedError,
 )
-from forkref._executor import ProcessPoolExecutor
-from forkref._explain import Explanation, explain
-from forkref._export import ResultToken, export_result, import_result
-from forkref._handle import Shared, share
-from forkref._hygiene import fork_hygiene
-from forkref._memory import MemoryReport, MemorySampler, ProcessMemory, memory_report
-from forkref._pool import Pool
-from forkref._ray import ObjectStoreUse, RayMemoryReport
+from forkref._fork.hygiene import fork_hygiene
+from forkref._launchers.ray.launcher import ObjectStoreUse, RayMemoryReport
+from forkref._memory.compact import CompactDict, CompactList, compact, compact_dict
+from forkref._memory.report import MemoryReport, MemorySampler, ProcessMemory, memory_report
+from forkref._pools.executor import ProcessPoolExecutor
+from forkref._pools.explain import Explanation, explain
+from forkref._pools.pool import Pool
+from forkref._share.handle import Shared, share
+from forkref._shm.export import ResultToken, export_result, import_result
 
 __all__ = [
     "BrokenPoolError",

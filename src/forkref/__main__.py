@@ -2,6 +2,6 @@
 
 import sys
 
-from forkref._cli import main
+from forkref._tools.cli import main
 
 sys.exit(main())

@@ -1,0 +1,657 @@
+"""``forkref.Pool``: ``multiprocessing.Pool``'s API over forkref's workers.
+
+Swap ``from multiprocessing import Pool`` for ``from forkref import Pool``:
+same methods, signatures, exceptions and ordering. What changes (see
+:mod:`forkref._workers` for how):
+
+* workers are forked (whatever the platform default) lazily at the first task,
+  and again, as a fresh generation, when a task refers to an object shared
+  after they forked;
+* lambdas, closures and local functions work as task functions (fork only):
+  sent by value (code and captured values); captured values above
+  ``share_threshold`` travel by reference as a snapshot, even mutable ones;
+* big immutable arguments (and, with ``auto_share=True``, big mutable ones)
+  travel by reference; big ones that are pickled anyway trigger one
+  :class:`~forkref.PerformanceWarning` per call site;
+* a worker that dies fails only the tasks it held, with
+  :class:`~forkref.WorkerDiedError` (the stdlib Pool hangs on them), and is
+  replaced; a failing initializer breaks the pool with
+  :class:`~forkref.BrokenPoolError` (the stdlib Pool respawns it forever);
+* ``terminate()`` fails pending results instead of leaving them unfinished.
+
+Non-goals: no ``Pool`` subclass of the stdlib class (isinstance checks fail),
+and ``imap``/``imap_unordered`` pickle their iterable lazily as results are
+consumed, keeping a bounded number of chunks in flight (``close()`` submits
+what is left).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import multiprocessing
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from multiprocessing.context import BaseContext
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from forkref._pools.base import DEFAULT_THRESHOLD, PoolBase
+from forkref._pools.progress import Progress, ProgressOption, counted
+from forkref._share.autoshare import estimate_size
+from forkref._share.taskpickle import CALL, MAP, STARMAP, FnBlob
+
+__all__ = ["AsyncResult", "IMapIterator", "MapResult", "Pool", "chunked"]
+
+T = TypeVar("T")
+_RESULT_BUDGET = 256 * 2**20  # bytes of imap results computed ahead of the consumer
+
+
+class AsyncResult(Generic[T]):
+    """The result of :meth:`Pool.apply_async`, like ``multiprocessing.pool.AsyncResult``."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        callback: Callable[[T], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        # A pending result keeps its pool alive, as the stdlib's does (CPython's
+        # pool.py): ``Pool(2).apply_async(f).get()`` must not see the pool
+        # collected, and terminated, under it. Dropped once the result is set.
+        self._pool: Pool | None = pool
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        """Whether the call has completed."""
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        """Whether the call completed without raising.
+
+        Raises:
+            ValueError: the result is not ready.
+        """
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the result is available or ``timeout`` seconds pass."""
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Return the result, or raise the task's exception.
+
+        Raises:
+            multiprocessing.TimeoutError: not ready within ``timeout`` seconds.
+        """
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._success:
+            return self._value  # type: ignore[no-any-return]
+        raise self._value
+
+    def _set(self, ok: bool, value: Any) -> None:
+        if self._event.is_set():
+            return
+        self._success, self._value = ok, value
+        try:
+            if ok and self._callback is not None:
+                self._callback(value)
+            if not ok and self._error_callback is not None:
+                self._error_callback(value)
+        finally:  # a raising callback must not leave get() waiting forever
+            self._event.set()
+            self._pool = None
+
+
+class MapResult(AsyncResult[list[T]]):
+    """The result of :meth:`Pool.map_async`: completes when every chunk has, or one fails."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        length: int,
+        chunksize: int,
+        callback: Callable[[list[T]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        *,
+        progress: Progress | None = None,
+    ) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._progress = progress
+        self._items: list[Any] = [None] * length
+        self._chunksize = chunksize
+        self._left = -(-length // chunksize)  # chunks still to come
+        self._lock = threading.Lock()
+        if length == 0:
+            self._set(True, [])
+
+    def _set_chunk(self, index: int, ok: bool, value: Any) -> None:
+        if not ok:
+            self._set(False, value)
+            return
+        start = index * self._chunksize
+        with self._lock:
+            self._items[start : start + len(value)] = value  # C speed, as the stdlib does
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            self._set(True, self._items)
+
+    def _set(self, ok: bool, value: Any) -> None:
+        # The bar closes before get() returns, so nothing the caller prints lands inside it.
+        if self._progress is not None:
+            self._progress.close(failed=not ok)
+        super()._set(ok, value)
+
+    def _interrupted(self) -> None:
+        """The caller stopped waiting (Ctrl-C): leave the bar stopped where it is."""
+        if self._progress is not None:
+            self._progress.close(failed=True)
+
+
+class IMapIterator(Generic[T]):
+    """Results of :meth:`Pool.imap` (in order) or :meth:`Pool.imap_unordered`.
+
+    The iterable is consumed lazily: at most ``window`` chunks are submitted
+    and not yet consumed (the workers compute that far ahead while the
+    consumer is busy), topped up in batches as results are taken. The window
+    is 512 items (at least 8 chunks per worker), smaller when the first
+    results show it would hold more than ``_RESULT_BUDGET`` bytes of results
+    waiting for the consumer. A result is not referenced by the iterator once
+    it has been yielded.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        kind: int,
+        func: Callable[..., T],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+        progress: Progress | None = None,
+    ) -> None:
+        self._pool, self._kind, self._func = pool, kind, func
+        self._progress = progress
+        if progress is not None:  # an iterator dropped half-way still closes its bar
+            weakref.finalize(self, progress.close, True)
+        self._fn_blob: FnBlob | None = None  # the function, pickled once for every round
+        self._source = enumerate(chunked(iterable, chunksize))
+        self._chunksize = chunksize
+        self._ordered = ordered
+        self._cond = threading.Condition()
+        self._done: dict[int, tuple[bool, Any]] = {}
+        self._order: collections.deque[int] = collections.deque()  # completion order
+        self._submitted = 0
+        self._next_chunk = 0
+        self._exhausted = False
+        self._buffer: list[T] = []  # the current chunk's results, reversed
+        self._window = max(8 * pool._processes, 512 // chunksize)
+        self._calibrated = False
+
+    def __iter__(self) -> IMapIterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> T:
+        """Next result, waiting at most ``timeout`` seconds.
+
+        Raises:
+            multiprocessing.TimeoutError: no result within ``timeout``.
+            StopIteration: no more results.
+        """
+        while not self._buffer:
+            ok, value = self._next_chunk_result(timeout)
+            if not ok:
+                # As the stdlib: with chunksize 1 the iteration goes on after a failed
+                # item; with bigger chunks its generator ends at the first failure.
+                if self._chunksize > 1:
+                    self._exhausted, self._submitted = True, self._next_chunk
+                raise value
+            if not self._calibrated:
+                self._calibrate(value)
+            value.reverse()
+            self._buffer = value
+        return self._buffer.pop()
+
+    def _next_chunk_result(self, timeout: float | None) -> tuple[bool, Any]:
+        """The next finished chunk; closes the bar at the end, on a failure or on Ctrl-C."""
+        bar = self._progress
+        try:
+            self._top_up()
+            with self._cond:
+                if self._exhausted and self._next_chunk >= self._submitted:
+                    if bar is not None:
+                        bar.close()
+                    raise StopIteration
+                done = self._wait_chunk(timeout)
+        except (StopIteration, multiprocessing.TimeoutError):
+            raise
+        except BaseException:
+            if bar is not None:
+                bar.close(failed=True)
+            raise
+        if not done[0] and bar is not None:
+            bar.close(failed=True)
+        return done
+
+    def _calibrate(self, chunk: list[Any]) -> None:
+        """Shrink the window if results are big: at most about _RESULT_BUDGET bytes wait."""
+        self._calibrated = True
+        size = estimate_size(chunk)
+        if size:
+            floor = 2 * self._pool._processes
+            self._window = max(floor, min(self._window, _RESULT_BUDGET // size))
+
+    def _wait_chunk(self, timeout: float | None) -> tuple[bool, Any]:
+        def ready() -> bool:
+            return (self._next_chunk in self._done) if self._ordered else bool(self._order)
+
+        if not self._cond.wait_for(ready, timeout):
+            raise multiprocessing.TimeoutError
+        key = self._next_chunk if self._ordered else self._order.popleft()
+        self._next_chunk += 1
+        return self._done.pop(key)
+
+    def _top_up(self, everything: bool = False) -> None:
+        """Submit chunks up to the window once it is half empty (all of them: ``everything``)."""
+        ahead = self._submitted - self._next_chunk
+        if self._exhausted or (not everything and ahead > self._window * 3 // 4):
+            return
+        tasks: list[tuple[list[Any], Callable[[bool, Any], None], int]] = []
+        while everything or ahead + len(tasks) < self._window:
+            try:
+                item = next(self._source, None)
+            except Exception as err:  # the caller's iterable raised: next() raises it, in turn
+                self._exhausted = True
+                self._set(self._submitted + len(tasks), False, err)
+                self._submitted += 1
+                break
+            if item is None:
+                self._exhausted = True
+                break
+            index, chunk = item
+            on_done = counted(self._progress, functools.partial(self._set, index))
+            tasks.append((chunk, on_done, index * self._chunksize))
+        self._submitted += len(tasks)
+        if tasks:
+            self._fn_blob = self._pool._submit(self._kind, self._func, tasks, self._fn_blob)
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            self._done[index] = (ok, value)
+            if not self._ordered:
+                self._order.append(index)
+            self._cond.notify()
+
+
+def _guarded_tasks(
+    result: MapResult[Any], items: Iterable[Any], chunksize: int, bar: Progress | None = None
+) -> Iterator[tuple[list[Any], Callable[[bool, Any], None], int]]:
+    """A map's tasks, cut lazily: the first goes to a worker before the next is cut.
+
+    An exception raised by the caller's iterable fails the map with that very
+    exception, as the stdlib's ``_guarded_task_generation`` does. With a
+    progress ``bar``, each chunk's items are counted as it finishes.
+    """
+    try:
+        for index, chunk in enumerate(chunked(items, chunksize)):
+            on_done = counted(bar, functools.partial(result._set_chunk, index))
+            yield chunk, on_done, index * chunksize
+    except Exception as err:
+        result._set(False, err)
+
+
+def chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` consecutive items (the last one shorter)."""
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class Pool(PoolBase):
+    """A drop-in ``multiprocessing.Pool`` whose workers receive big objects by reference.
+
+    Args:
+        processes: number of workers (default ``os.cpu_count()``).
+        initializer: called as ``initializer(*initargs)`` in each worker at start.
+        initargs: arguments of ``initializer``.
+        maxtasksperchild: a worker exits after this many tasks (chunks) and a
+            fresh one is forked from the generation's snapshot.
+        context: a ``multiprocessing`` context; default: ``fork`` where the
+            platform has it. Without fork, tasks are pickled by the stdlib's rules.
+        share_threshold: arguments estimated above this many bytes are
+            candidates for by-reference (default 1 MiB); ``None`` turns
+            automatic by-reference off.
+        auto_share: send big *mutable* arguments (numpy arrays, DataFrames,
+            lists, dicts) by reference too; workers then see them as they
+            were when the workers forked (snapshot semantics).
+        backend: ``"local"`` (processes on this machine) or ``"ray"``: the
+            workers are Ray actors and shared objects go through Ray's
+            object store, once per pool (``pip install 'forkref[ray]'``).
+        address: with ``backend="ray"``, the Ray cluster to connect to
+            (``"10.0.0.5:6379"``, ``"ray://..."``). Default: the Ray already
+            initialised in this process, else ``RAY_ADDRESS``, else a local
+            Ray instance started for the pool and shut down at its close.
+
+    Mutation semantics: a worker sees every shared object (explicit handles
+    and automatic ones) as it was when that worker's generation forked.
+    """
+
+    __module__ = "forkref"
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: BaseContext | None = None,
+        *,
+        share_threshold: int | None = DEFAULT_THRESHOLD,
+        auto_share: bool = False,
+        backend: str = "local",
+        address: str | None = None,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        self._processes = processes
+        self._start_engine(
+            processes,
+            context,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks=maxtasksperchild,
+            executor_semantics=False,
+            share_threshold=share_threshold,
+            auto_share=auto_share,
+            backend=backend,
+            address=address,
+        )
+        self._state = "RUN"
+        self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()
+        self._finalizer = weakref.finalize(self, self._engine.terminate)
+
+    def __repr__(self) -> str:
+        return f"<forkref.Pool state={self._state} pool_size={self._processes}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # As multiprocessing.Pool: a pool collected while running was never closed.
+        # (The finalizer terminates it; this only says so.)
+        if getattr(self, "_state", None) == "RUN":
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
+
+    # -- submitting -------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != "RUN":
+            raise ValueError("Pool not running")
+
+    def _submit(
+        self,
+        kind: int,
+        func: Any,
+        chunks: Iterable[tuple[Any, Callable[[bool, Any], None], int]],
+        fn_blob: FnBlob | None = None,
+    ) -> FnBlob | None:
+        """Queue ``(data, on_done, offset)`` tasks; failures reach each ``on_done``.
+
+        Returns the pickled function, for a caller that submits more later.
+        """
+        pending = iter(chunks)
+        try:
+            if fn_blob is None:
+                fn_blob = self._engine.encode_function(func)
+            self._engine.submit_many(
+                kind, func, ((d, done, None, off) for d, done, off in pending), fn_blob=fn_blob
+            )
+        except Exception as err:  # unpicklable function, broken pool: the results carry it
+            for _, on_done, _ in pending:  # those not queued yet
+                on_done(False, err)
+        return fn_blob
+
+    def apply(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+    ) -> T:
+        """Call ``func(*args, **kwds)`` in a worker and return its result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+        callback: Callable[[T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> AsyncResult[T]:
+        """Like :meth:`apply`, returning an :class:`AsyncResult` at once."""
+        self._check_running()
+        result: AsyncResult[T] = AsyncResult(self, callback, error_callback)
+        self._submit(CALL, func, [((tuple(args), dict(kwds or {})), result._set, 0)])
+        return result
+
+    def map(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        progress: ProgressOption = False,
+    ) -> list[T]:
+        """``list(map(func, iterable))`` computed by the workers, in order.
+
+        ``progress=True`` shows a tqdm bar counting items (a dict: tqdm options).
+        """
+        return self._wait(
+            self._map_async(MAP, func, iterable, chunksize, progress=progress)
+        )
+
+    def starmap(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        progress: ProgressOption = False,
+    ) -> list[T]:
+        """Like :meth:`map`, calling ``func(*item)``."""
+        return self._wait(
+            self._map_async(STARMAP, func, iterable, chunksize, progress=progress)
+        )
+
+    @staticmethod
+    def _wait(result: MapResult[T]) -> list[T]:
+        try:
+            return result.get()
+        except BaseException:
+            result._interrupted()  # Ctrl-C while waiting; a task error closed it already
+            raise
+
+    def map_async(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        progress: ProgressOption = False,
+    ) -> MapResult[T]:
+        """Like :meth:`map`, returning a :class:`MapResult` at once."""
+        return self._map_async(
+            MAP,
+            func,
+            iterable,
+            chunksize,
+            callback=callback,
+            error_callback=error_callback,
+            progress=progress,
+        )
+
+    def starmap_async(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        progress: ProgressOption = False,
+    ) -> MapResult[T]:
+        """Like :meth:`starmap`, returning a :class:`MapResult` at once."""
+        return self._map_async(
+            STARMAP,
+            func,
+            iterable,
+            chunksize,
+            callback=callback,
+            error_callback=error_callback,
+            progress=progress,
+        )
+
+    def _map_async(
+        self,
+        kind: int,
+        func: Any,
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        *,
+        callback: Any = None,
+        error_callback: Any = None,
+        progress: ProgressOption,
+    ) -> MapResult[Any]:
+        self._check_running()
+        items = iterable if isinstance(iterable, Sized) else list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        chunksize = max(chunksize, 1)
+        bar = self._progress_bar(len(items), progress, func)
+        result: MapResult[Any] = MapResult(
+            self, len(items), chunksize, callback, error_callback, progress=bar
+        )
+        self._submit(kind, func, _guarded_tasks(result, items, chunksize, bar))
+        return result
+
+    def imap(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: ProgressOption = False,
+    ) -> IMapIterator[T]:
+        """Lazy :meth:`map`: an iterator over the results, in order.
+
+        With ``progress=True`` the bar counts finished items; it has a total
+        when ``iterable`` has a length, and counts up without one otherwise.
+        """
+        return self._imap(func, iterable, chunksize, ordered=True, progress=progress)
+
+    def imap_unordered(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: ProgressOption = False,
+    ) -> IMapIterator[T]:
+        """Like :meth:`imap`, yielding results as they complete."""
+        return self._imap(func, iterable, chunksize, ordered=False, progress=progress)
+
+    def _imap(
+        self,
+        func: Any,
+        iterable: Iterable[Any],
+        chunksize: int,
+        *,
+        ordered: bool,
+        progress: ProgressOption,
+    ) -> IMapIterator[Any]:
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        it: IMapIterator[Any] = IMapIterator(
+            self,
+            kind=MAP,
+            func=func,
+            iterable=iterable,
+            chunksize=chunksize,
+            ordered=ordered,
+            progress=self._progress_bar(total, progress, func),
+        )
+        it._top_up()
+        self._iterators.add(it)
+        return it
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Accept no more tasks; workers exit when the submitted ones are done."""
+        if self._state != "RUN":
+            return
+        for it in list(self._iterators):
+            it._top_up(everything=True)
+        self._state = "CLOSE"
+        self._engine.close()
+
+    def terminate(self) -> None:
+        """Kill the workers now; unfinished results fail with :class:`forkref.Error`."""
+        self._state = "TERMINATE"
+        self._finalizer()
+
+    def join(self) -> None:
+        """Wait for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
+        if self._state == "RUN":
+            raise ValueError("Pool is still running")
+        self._engine.join()
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.terminate()
+
+    # -- introspection ----------------------------------------------------------------
+
+    @property
+    def _pool(self) -> list[Any]:
+        """The live workers as process objects, as ``multiprocessing.Pool._pool`` has them."""
+        return list(self._worker_processes().values())
+
+    @property
+    def _ctx(self) -> BaseContext:
+        """The ``multiprocessing`` context, as ``multiprocessing.Pool._ctx``."""
+        return self._engine.context
