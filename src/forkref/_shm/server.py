@@ -64,7 +64,7 @@ from typing import Any
 
 from forkref._errors import Error, NotInheritedError, SharedMemoryError, SharedMemoryFullError
 from forkref._refs.registry import Reference, registry
-from forkref._shm import segments, serialize
+from forkref._shm import segments, serialize, warm
 
 __all__ = ["BOARD_BYTES", "Server", "address", "check_peer", "parse_request", "peer"]
 
@@ -217,12 +217,12 @@ def _board_fd() -> int:
 
 
 class _Export:
-    """One object serialized into one segment."""
+    """One object serialized into one segment (of the warm store: ``fd`` is what workers get)."""
 
-    __slots__ = ("fd", "holders", "key", "ref", "serial", "size", "slot", "weak")
+    __slots__ = ("fd", "holders", "key", "ref", "seg", "serial", "size", "slot", "weak")
 
-    def __init__(self, fd: int, size: int, key: int, weak: weakref.ref[Any] | None) -> None:
-        self.fd, self.size, self.key, self.weak = fd, size, key, weak
+    def __init__(self, seg: warm.Segment, key: int, weak: weakref.ref[Any] | None) -> None:
+        self.seg, self.fd, self.size, self.key, self.weak = seg, seg.ro_fd, seg.size, key, weak
         self.ref: Reference | None = None  # the registration it serves; None: dormant
         self.serial = 0
         self.slot = 0
@@ -267,6 +267,7 @@ class Server:
         self.by_serial: dict[int, _Export] = {}
         self.conns: dict[int, _Conn] = {}
         self.board: _Board | None = None
+        self.store = warm.WarmStore()  # segments of freed exports, kept for the next ones
         self.serials = itertools.count(1)
         self.thread: threading.Thread | None = None
         self.wanted = False  # the thread should run (restarted after forks and pauses)
@@ -312,6 +313,7 @@ class Server:
             if self.board is not None:
                 self.board.close()
                 self.board = None
+        self.store.clear()
         self._close_fds()
 
     def abandon(self) -> None:
@@ -324,7 +326,8 @@ class Server:
         for conn in self.conns.values():
             _close_quietly(conn.fd)
         for export in {*self.by_serial.values(), *self.by_object.values()}:
-            _close_quietly(export.fd)
+            export.seg.close()
+        self.store.abandon()
         if self.board is not None:
             with contextlib.suppress(Exception):
                 self.board.words.release()
@@ -362,10 +365,12 @@ class Server:
             self.process_pending()
 
     def _timeout(self) -> float | None:
+        trim = self.store.trim_idle()  # the loop wakes for it: the store trims itself when idle
         waiting = [c.since for c in self.conns.values() if c.buf]
         if not waiting:
-            return None
-        return max(0.0, min(waiting) + _PARTIAL_REQUEST_SECONDS - time.monotonic())
+            return trim
+        partial = max(0.0, min(waiting) + _PARTIAL_REQUEST_SECONDS - time.monotonic())
+        return partial if trim is None else min(partial, trim)
 
     def _accept(self) -> None:
         while True:
@@ -432,7 +437,12 @@ class Server:
             }
             fds = []
         else:
-            reply = {"size": export.size, "serial": export.serial, "slot": export.slot}
+            reply = {
+                "size": export.size,
+                "serial": export.serial,
+                "slot": export.slot,
+                "gen": export.seg.generation,
+            }
             fds = [export.fd]
             if board_fd is not None:
                 reply["board"] = 1
@@ -493,16 +503,16 @@ class Server:
         if self.board is None:  # only this thread creates it
             self.board = _Board()
         try:
-            fd, size = _write_export(obj, what)
+            seg = _write_export(self.store, obj, what)
         except SharedMemoryFullError:
             if not self._evict_dormant():
                 raise
-            fd, size = _write_export(obj, what)  # room made by exports nobody uses
+            seg = _write_export(self.store, obj, what)  # room made by exports nobody uses
         try:
             weak = weakref.ref(obj, self._object_died)
         except TypeError:
             weak = None  # not weakref-able: the export lives with the registration
-        export = _Export(fd, size, id(obj), weak)
+        export = _Export(seg, id(obj), weak)
         with self.locked():
             assert self.board is not None
             export.slot = self.board.take()
@@ -536,7 +546,8 @@ class Server:
             self._free(export)
 
     def _free(self, export: _Export) -> None:
-        """Close the segment; its memory goes with the workers' last mapping. Under the lock."""
+        """Hand the segment to the warm store, which keeps it for a later export or closes
+        it (its memory goes with the workers' last mapping). Under the lock."""
         if export.fd < 0:
             return
         if export.ref is not None:
@@ -549,7 +560,7 @@ class Server:
         if self.board is not None:
             self.board.withdraw(export.slot)
             self.board.give_back(export.slot)
-        _close_quietly(export.fd)
+        self.store.park(export.seg)
         export.fd = -1
 
     def _evict_dormant(self) -> bool:
@@ -557,6 +568,7 @@ class Server:
             dormant = [e for e in self.by_object.values() if e.ref is None]
             for export in dormant:
                 self._free(export)
+        self.store.clear()  # what they parked: the room is wanted now
         return bool(dormant)
 
     def _drop_conn(self, conn: _Conn) -> None:
@@ -574,6 +586,8 @@ class Server:
             export.holders.discard(conn.fd)
             if export.ref is None and not export.holders:
                 self._free(export)
+        if not self.conns:
+            self.store.clear()  # no worker left to serve: keep nothing warm for nobody
 
     # -- events from other threads ---------------------------------------------------------
 
@@ -652,19 +666,13 @@ def _registered(ref: Reference) -> object:
         return None
 
 
-def _write_export(obj: object, what: str) -> tuple[int, int]:
-    """Pickle ``obj`` once into a new unnamed segment; return (fd, size)."""
+def _write_export(store: warm.WarmStore, obj: object, what: str) -> warm.Segment:
+    """Pickle ``obj`` once into a segment of the warm store (reused or new)."""
     try:
         p = serialize.plan(obj)
     except Exception as err:
         raise _PicklingFailed(f"the sharing process could not pickle it ({err!r})") from err
-    fd = segments.create_anonymous(p.size, what)
-    try:
-        serialize.write(p, fd, what)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, p.size
+    return store.write(p, what)
 
 
 class _PicklingFailed(NotInheritedError):
