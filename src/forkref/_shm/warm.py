@@ -59,7 +59,7 @@ import re
 import threading
 import time
 
-from forkref._errors import SharedMemoryFullError
+from forkref._errors import SharedMemoryError, SharedMemoryFullError
 from forkref._shm import segments, serialize
 
 __all__ = ["ENV_CAP", "IDLE_SECONDS", "Segment", "WarmStore", "cap_bytes", "map_for_reading"]
@@ -79,9 +79,11 @@ def cap_bytes(parked: int = 0) -> int:
     if text:
         match = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", text.lower())
         if match is None:
-            raise ValueError(
-                f"{ENV_CAP}={text!r} is not a size: give bytes, or a number with K, M or G "
-                "(e.g. 4G); 0 turns the warm segment store off"
+            raise SharedMemoryError(
+                f"the environment variable {ENV_CAP}={text!r} is not a size: set it to "
+                "bytes, or a number with K, M or G (e.g. 4G), or 0 to turn the warm "
+                "segment store off; unset, the store keeps up to a quarter of the free "
+                "space of the segment directory"
             )
         return int(match.group(1)) << (10 * " kmg".index(match.group(2) or " "))
     try:
@@ -175,6 +177,7 @@ class WarmStore:
 
     def _create(self, p: serialize.Plan, what: str) -> Segment:
         capacity = _capacity(p.size)
+        cap = cap_bytes(self.parked_bytes())  # a bad setting fails here, with its fix
         try:
             fd = segments.create_anonymous(capacity, what)
         except SharedMemoryFullError:
@@ -186,7 +189,7 @@ class WarmStore:
             seg.generation, seg.size = next(_generations), p.size
             serialize.write(p, fd, what, seg.generation)
             seg.ro_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            if capacity <= cap_bytes(self.parked_bytes()):
+            if capacity <= cap:
                 _keep_mapping(seg)  # it may be parked later: ready for a memcpy then
         except BaseException:
             seg.close()
@@ -200,7 +203,10 @@ class WarmStore:
             return
         seg.idle_since = time.monotonic()
         with self.lock:
-            cap = cap_bytes(sum(s.capacity for s in self.parked))
+            try:
+                cap = cap_bytes(sum(s.capacity for s in self.parked))
+            except SharedMemoryError:
+                cap = 0  # a bad setting: reported by the next export, not by a release
             if seg.mapping is None or seg.capacity > cap:
                 gone = [seg]
             else:
