@@ -185,7 +185,10 @@ def _make(i: int, rng: np.random.Generator) -> Any:
     return {f"p{j}": rng.integers(0, 255, n // 3 + j, dtype=np.uint8) for j in range(3)}
 
 
-def test_many_share_release_cycles_never_mix_objects(cap: int) -> None:
+def test_many_share_release_cycles_never_mix_objects(
+    cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warm, "IDLE_SECONDS", 3600.0)  # emptied by the pool's end, not idleness
     rng = np.random.default_rng(7)
     with mp.get_context("spawn").Pool(2) as pool:
         for i in range(150):
@@ -207,6 +210,7 @@ def _size_of(args: tuple[Any, int]) -> int:
 def test_tmpfs_use_stays_within_the_cap_and_ends_at_zero(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(warm, "IDLE_SECONDS", 3600.0)
     with mounted_tmpfs("64m", monkeypatch) as path:
         monkeypatch.setenv(warm.ENV_CAP, "4M")
         rng = np.random.default_rng(3)
