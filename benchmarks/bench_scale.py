@@ -1,6 +1,7 @@
 """How fork-based sharing scales with the heap: 1 to 16 GiB, share() vs the global-variable trick.
 
-Two heaps, each built in a fresh process so runs do not disturb each other:
+Two heaps, each size built once in a fresh process (then both ways run on
+it, the global trick first), so sizes do not disturb each other:
 
 * ``arrays``: a pandas DataFrame of float64 columns (numpy buffers: few big
   allocations, no Python object per value);
@@ -61,7 +62,7 @@ def build(kind: str, nbytes: int) -> Any:
 
         rows = nbytes // (8 * 8)
         # arange touches every page (np.empty would leave them unallocated).
-        return pd.DataFrame({f"c{i}": np.arange(rows, dtype=np.float64) + i for i in range(8)})
+        return pd.DataFrame({f"c{i}": np.arange(rows, dtype=np.float64) for i in range(8)})
     # ~210 bytes a record on 3.11 (dict 184 + float 24; the tag string is shared).
     n = nbytes // 210
     return [{"id": i, "value": float(i), "tag": "abc"} for i in range(n)]
@@ -142,25 +143,30 @@ def _map_share(heap: Any) -> tuple[float, list[dict[str, int]]]:
     return whole, memory
 
 
-def run_point(kind: str, nbytes: int, method: str) -> dict[str, Any]:
-    """Build the heap here, fork and map once; the figures of this point."""
+def run_point(kind: str, nbytes: int) -> list[dict[str, Any]]:
+    """Build the heap here, then for each method fork and map once; its figures."""
     before = psutil.Process().memory_full_info().uss
     t0 = time.perf_counter()
     heap = build(kind, nbytes)
     built = time.perf_counter() - t0
     heap_bytes = psutil.Process().memory_full_info().uss - before
-    fork_s = _raw_fork_seconds()
-    whole, memory = (_map_global if method == "global" else _map_share)(heap)
-    return {
-        "heap": kind,
-        "target_bytes": nbytes,
-        "heap_bytes": heap_bytes,
-        "method": method,
-        "build_s": built,
-        "fork_s": fork_s,
-        "map_s": whole,
-        "workers": memory,
-    }
+    rows = []
+    for method, run in (("global", _map_global), ("share", _map_share)):
+        fork_s = _raw_fork_seconds()
+        whole, memory = run(heap)
+        rows.append(
+            {
+                "heap": kind,
+                "target_bytes": nbytes,
+                "heap_bytes": heap_bytes,
+                "method": method,
+                "build_s": built,
+                "fork_s": fork_s,
+                "map_s": whole,
+                "workers": memory,
+            }
+        )
+    return rows
 
 
 # -- the driver --------------------------------------------------------------------------
@@ -170,12 +176,12 @@ def _available() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _point_in_child(kind: str, nbytes: int, method: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--point", kind, str(nbytes), method]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
+def _point_in_child(kind: str, nbytes: int) -> list[dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--point", kind, str(nbytes)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=3600)
     if out.returncode != 0:
-        raise RuntimeError(f"{kind} {nbytes} {method} failed:\n{out.stderr}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{kind} {nbytes} failed:\n{out.stderr}")
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -224,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max", default="16GiB", help="largest heap (default 16GiB)")
     parser.add_argument("--heaps", default=",".join(HEAPS), help="arrays,objects")
     parser.add_argument("--json", help="also write every point to this file")
-    parser.add_argument("--point", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--point", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.point:
-        kind, nbytes, method = args.point
-        print(json.dumps(run_point(kind, int(nbytes), method)), flush=True)
+        kind, nbytes = args.point
+        print(json.dumps(run_point(kind, int(nbytes))), flush=True)
         os._exit(0)  # freeing a 16 GiB heap object by object takes longer than the run
     from forkref._tools.bench.data import parse_size
     from forkref._tools.doctor import machine
@@ -252,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{kind:<8} {size / GiB:>5.0f}  skipped: {_available() / GiB:.1f} GiB available"
                 )
                 break
-            for method in METHODS:
-                rows.append(_point_in_child(kind, size, method))
-                print(_row(rows[-1]), flush=True)
+            for row in _point_in_child(kind, size):
+                rows.append(row)
+                print(_row(row), flush=True)
             size *= 2
     print("\n".join(_slopes(rows)))
     print(
