@@ -271,3 +271,18 @@ def test_nothing_is_left_after_the_parent_is_killed(
         assert out.returncode == -signal.SIGKILL, out.stderr
         assert "warm" in out.stdout
         assert wait_until(lambda: _used(path) == 0, 60), _used(path)
+
+
+def test_an_idle_pool_gives_its_parked_segments_back(
+    cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warm, "IDLE_SECONDS", 0.5)
+    with mp.get_context("spawn").Pool(1) as pool:
+        obj = np.ones(MiB, dtype=np.uint8)
+        with forkref.share(obj) as handle:
+            assert pool.apply(_size_of, ((handle, MiB),)) == MiB
+        store = _export._server.store  # type: ignore[union-attr]
+        # Parked by the release in this thread (or kept by the worker until its
+        # next task); the pool stays open and idle: the export thread trims it.
+        assert wait_until(lambda: not store.parked and store.created == 1)
+        assert pool.apply(_size_of, ((forkref.share(obj), MiB),)) == MiB  # still serves

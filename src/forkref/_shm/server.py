@@ -365,7 +365,12 @@ class Server:
             self.process_pending()
 
     def _timeout(self) -> float | None:
-        trim = self.store.trim_idle()  # the loop wakes for it: the store trims itself when idle
+        # The store trims itself when idle: wake when a parked segment is due, and,
+        # while workers are connected (the only time anything is parked), at least
+        # every IDLE_SECONDS, since segments are parked from other threads too.
+        trim = self.store.trim_idle()
+        if trim is None and self.conns:
+            trim = warm.IDLE_SECONDS
         waiting = [c.since for c in self.conns.values() if c.buf]
         if not waiting:
             return trim

@@ -188,8 +188,10 @@ class WarmStore:
         try:
             seg.generation, seg.size = next(_generations), p.size
             serialize.write(p, fd, what, seg.generation)
-            seg.ro_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            if capacity <= cap:
+            seg.ro_fd = _reopen(fd)
+            if seg.ro_fd < 0:
+                seg.ro_fd = os.dup(fd)  # no /proc: readers cannot lock, so never reused
+            elif capacity <= cap:
                 _keep_mapping(seg)  # it may be parked later: ready for a memcpy then
         except BaseException:
             seg.close()
@@ -272,6 +274,14 @@ def _keep_mapping(seg: Segment) -> None:
         seg.mapping = mmap.mmap(seg.fd, seg.capacity, flags=flags)
 
 
+def _reopen(fd: int) -> int:
+    """A new read-only open file description of ``fd``'s file, or -1 without /proc."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return -1
+
+
 def map_for_reading(fd: int, size: int, generation: int) -> mmap.mmap:
     """Map a segment read-only for this reader, locked against reuse while mapped.
 
@@ -280,7 +290,9 @@ def map_for_reading(fd: int, size: int, generation: int) -> mmap.mmap:
     if it already holds another use, ``OSError`` if it cannot be opened.
     """
     # A description of our own: a lock on the shared one would be everyone's.
-    own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    own = _reopen(fd)
+    if own < 0:  # no /proc here, nor in the sharing process: it never reuses segments
+        return segments.map_readonly(fd, size)
     try:
         fcntl.flock(own, fcntl.LOCK_SH)  # waits only while the store rewrites it
         mapping = segments.map_readonly(own, size)
