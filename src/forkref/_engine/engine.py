@@ -82,6 +82,7 @@ from forkref._memory.report import MemoryReport
 from forkref._refs.registry import Reference
 from forkref._share.autoshare import AutoSharer
 from forkref._share.taskpickle import FnBlob
+from forkref._shm import autoresult
 from forkref._shm import export as _export
 
 __all__ = ["Cancelled", "Engine", "default_context"]
@@ -117,6 +118,7 @@ class Engine:
         share_threshold: int | None,
         auto_share: bool,
         launcher: Launcher | None = None,
+        result_threshold: int | None = autoresult.DEFAULT_THRESHOLD,
     ) -> None:
         self.context = context if context is not None else default_context()
         self.start_method = self.context.get_start_method()
@@ -124,7 +126,12 @@ class Engine:
         self.max_tasks = max_tasks
         self.executor_semantics = executor_semantics
         self.setup = WorkerSetup(
-            initializer, tuple(initargs), max_tasks, self.start_method, executor_semantics
+            initializer,
+            tuple(initargs),
+            max_tasks,
+            self.start_method,
+            executor_semantics,
+            result_threshold,
         )
         self.launcher = launcher or _local_launcher(self.context, self.setup)
         by_reference = self.launcher.carries_references

@@ -21,10 +21,12 @@ from forkref._engine.worker import WorkerSetup
 from forkref._memory.report import MemoryReport
 from forkref._pools.progress import Progress, ProgressOption, fork_guard
 
-__all__ = ["DEFAULT_THRESHOLD", "PoolBase"]
+__all__ = ["DEFAULT_RESULT_THRESHOLD", "DEFAULT_THRESHOLD", "PoolBase"]
 
 #: Arguments estimated above this many bytes are candidates for by-reference.
 DEFAULT_THRESHOLD = 2**20
+#: numpy/pandas/arrow parts of results this big come back through shared memory.
+DEFAULT_RESULT_THRESHOLD = 2**20
 _PIDS_WAIT = 5.0  # seconds to wait for the workers' pids to be known
 
 
@@ -46,11 +48,13 @@ class PoolBase:
         auto_share: bool,
         backend: str = "local",
         address: str | None = None,
+        result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if share_threshold is not None and share_threshold < 0:
-            raise ValueError("share_threshold must be a number of bytes >= 0, or None")
+        for name, value in (("share", share_threshold), ("result", result_threshold)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}_threshold must be a number of bytes >= 0, or None")
         initargs = tuple(initargs)
         self._engine = Engine(
             processes,
@@ -61,6 +65,7 @@ class PoolBase:
             executor_semantics=executor_semantics,
             share_threshold=share_threshold,
             auto_share=auto_share,
+            result_threshold=result_threshold,
             launcher=_launcher(
                 backend,
                 address,
