@@ -2,7 +2,7 @@
 
 Swap ``from multiprocessing import Pool`` for ``from forkref import Pool``:
 same methods, signatures, exceptions and ordering. What changes (see
-:mod:`forkref._workers` for how):
+:mod:`forkref._engine.engine` for how):
 
 * workers are forked (whatever the platform default) lazily at the first task,
   and again, as a fresh generation, when a task refers to an object shared
