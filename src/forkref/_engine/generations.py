@@ -47,7 +47,6 @@ from forkref._shm import export as _export
 __all__ = [
     "EXPORT_SECONDS_PER_BYTE",
     "FORK_SECONDS_PER_BYTE",
-    "Generation",  # its home is forkref._engine.model; importable here as before
     "Generations",
     "Route",
     "exports_cleanly",

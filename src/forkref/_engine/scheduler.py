@@ -38,8 +38,7 @@ from typing import Any
 from forkref._engine.model import FAST_TASK, Cancelled, Completion, Generation, Task, Worker
 from forkref._engine.wire import HDR, INIT_FAILED, READY, RETIRE
 
-# Task stays importable from here, where it lived before the model had a module.
-__all__ = ["Scheduler", "Task"]
+__all__ = ["Scheduler"]
 
 _DEPTH_SLOW, _DEPTH_FAST = 2, 32  # tasks in flight per worker; fast: service time < FAST_TASK
 
