@@ -28,6 +28,7 @@ import pytest
 import forkref
 from conftest import mounted_tmpfs, wait_until
 from forkref._shm import export as _export
+from forkref._shm import protocol
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -199,7 +200,7 @@ def test_idle_connections_do_not_delay_another_workers_fetch() -> None:
     arr = np.arange(1000.0)
     handle = forkref.share(arr)
     pickle.dumps(handle)  # serving now
-    address = _export._address(handle.ref.tree, handle.ref.origin_pid)
+    address = protocol.address(handle.ref.tree, handle.ref.origin_pid)
     idle = []
     for i in range(12):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

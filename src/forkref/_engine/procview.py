@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from forkref._engine.launcher import ProcessChannel
+from forkref._os import process_running
 
 if TYPE_CHECKING:
     from forkref._engine.engine import Engine
@@ -61,11 +62,7 @@ class ForkedWorker:
         """Whether the process still runs (a zombie counts as exited)."""
         if self._worker.status is not None:
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-        except OSError:
-            return False
+        return process_running(self.pid)
 
     def terminate(self) -> None:
         """Send SIGTERM."""
