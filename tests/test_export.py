@@ -35,6 +35,7 @@ from forkref._share.handle import _resolve
 from forkref._shm import export as _export
 from forkref._shm import protocol, serialize
 from forkref._shm import segments as _shm
+from helpers import frame
 from procmaps import mapping_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,12 +96,6 @@ def worker_anon(arr: np.ndarray) -> tuple[int, float, str]:
 # -- helpers -------------------------------------------------------------------
 
 
-def _frame(rows: int = 100_000) -> pd.DataFrame:
-    return pd.DataFrame(
-        {"f": np.arange(rows, dtype=np.float64), "s": [str(i) for i in range(rows)]}
-    )
-
-
 def _in_segment(mapping: str) -> bool:
     # An O_TMPFILE segment shows as "/dev/shm/#<inode> (deleted)".
     return mapping.startswith(_shm.segment_dir().rstrip("/") + "/")
@@ -124,7 +119,7 @@ class Forged:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_share_resolves_in_every_start_method(kind: str, method: str) -> None:
-    df, arr = _frame(), np.arange(300_000, dtype=np.float64)
+    df, arr = frame(8 * 100_000, "f", strings=True), np.arange(300_000, dtype=np.float64)
     handles = [forkref.share(df), forkref.share(arr)]
     before = _export.stats().exports
     with stdlib_pool(kind, method) as run:

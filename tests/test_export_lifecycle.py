@@ -29,6 +29,7 @@ import forkref
 from conftest import mounted_tmpfs, wait_until
 from forkref._shm import export as _export
 from forkref._shm import protocol
+from helpers import total
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -96,10 +97,6 @@ def between_tasks() -> dict[str, Any]:
         "intact": bool(held is not None and float(held.sum()) == float(held.size)),
         "fds": len(os.listdir("/proc/self/fd")),
     }
-
-
-def total(obj: Any) -> float:
-    return float(np.asarray(obj).sum())
 
 
 # -- export once per object ---------------------------------------------------------------
