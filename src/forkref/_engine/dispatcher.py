@@ -375,7 +375,7 @@ class Dispatcher:
         how = w.channel.describe_exit(w.status)
         running = engine.scheduler.worker_gone(w)  # the tasks behind it go back to the queue
         if not w.ready and not w.stopping:
-            err = BrokenPoolError(_startup_failure(w, how, engine))
+            err = BrokenPoolError(w.channel.startup_error or _startup_failure(w, how, engine))
             if running is not None:
                 completions.append((running, -1, err))
             engine.break_locked(err, completions)

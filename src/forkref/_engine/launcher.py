@@ -135,6 +135,9 @@ class Channel(abc.ABC):
             has such a descriptor; then :meth:`exit_status` tells how.
         prefetch_max: bytes of tasks that may wait behind the running one
             without blocking :meth:`send`.
+        startup_error: set by a launcher that knows why its worker could not
+            start (a Ray actor that no node had room for); a channel that
+            ends before READY breaks the pool with this message as it is.
     """
 
     wid: int
@@ -142,6 +145,7 @@ class Channel(abc.ABC):
     fd: int | None
     sentinel: int | None = None
     prefetch_max: int = 1 << 16
+    startup_error: str | None = None
 
     @abc.abstractmethod
     def send(self, task: Task) -> None:
