@@ -48,11 +48,12 @@ from typing import TYPE_CHECKING, Any
 from forkref._engine.launcher import Channel, Launcher, LaunchError
 from forkref._engine.worker import WorkerSetup
 from forkref._errors import Error
+from forkref._launchers.ray import placement
 from forkref._launchers.ray.channel import PoolSide, RayChannel
 from forkref._launchers.ray.memory import RayMemoryReport, object_store_use
 from forkref._launchers.ray.objects import ObjectTable
 from forkref._launchers.ray.pickler import RayTaskEncoder
-from forkref._launchers.ray.placement import PLACEMENT_TIMEOUT, Shortage, actor_placed
+from forkref._launchers.ray.placement import Shortage, actor_placed
 from forkref._launchers.ray.session import RaySession, import_ray
 from forkref._memory.report import ProcessMemory, memory_report
 from forkref._share.autoshare import AutoSharer
@@ -84,9 +85,13 @@ class RayLauncher(Launcher):
         address: str | None = None,
         init_options: Mapping[str, Any] | None = None,
         actor_options: Mapping[str, Any] | None = None,
-        placement_timeout: float = PLACEMENT_TIMEOUT,
+        placement_timeout: float | None = None,
     ) -> None:
         """Join or start Ray now, in the pool's constructor, and size the workers' actors.
+
+        ``placement_timeout``: seconds a worker's actor may wait for Ray to
+        place it; None: :data:`~forkref._launchers.ray.placement.PLACEMENT_TIMEOUT`
+        as it is when the pool is made.
 
         Raises:
             Error: Ray is missing, cannot be started or reached, or has fewer
@@ -95,7 +100,8 @@ class RayLauncher(Launcher):
         self.ray = import_ray()  # at the pool's creation: a missing Ray is said at once
         self.processes = processes
         self.setup = setup
-        self.placement_timeout = placement_timeout
+        if placement_timeout is None:
+            placement_timeout = placement.PLACEMENT_TIMEOUT
         self.actor_options: dict[str, Any] = {
             "max_restarts": 0,
             "max_task_retries": 0,
