@@ -184,7 +184,7 @@ class RayChannel(Channel):
         """
         with contextlib.suppress(OSError):
             os.read(self.fd or -1, 4096)
-        if self._placement.due() and self._started is None and self._alive():
+        if self._placement.due() and self._started is None and self.alive():
             self._check_placement()
         replies = self._started_replies()
         while self._ready and self._calls and self._calls[0].done and not self._lost:
@@ -193,7 +193,7 @@ class RayChannel(Channel):
                 replies += self._in_order(call)
             else:
                 replies += self._call_lost(call)
-        if self._outbox and len(self._calls) < _CALLS_IN_FLIGHT and self._alive():
+        if self._outbox and len(self._calls) < _CALLS_IN_FLIGHT and self.alive():
             self._flush()
         self._terminate_when_idle()
         if replies:
@@ -219,7 +219,7 @@ class RayChannel(Channel):
         if self._actor is not None:
             with contextlib.suppress(Exception):
                 self._ray.kill(self._actor, no_restart=True)
-        if self._alive():
+        if self.alive():
             self._ended = True
             self._exit = self._exit or f"{self.describe()} killed"
             self._wake()
@@ -250,14 +250,15 @@ class RayChannel(Channel):
 
     # -- calls ----------------------------------------------------------------------------
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
+        """Neither lost nor ended."""
         return not (self._lost or self._ended)
 
     def _terminate_when_idle(self) -> None:
         """Once stopping and nothing is left to run, end the actor (gracefully)."""
         if not self._stopping or self._calls or self._outbox or self._terminating:
             return
-        if self._alive() and self._actor is not None:
+        if self.alive() and self._actor is not None:
             self._terminating = True
             self._actor.__ray_terminate__.remote()._on_completed(self._on_terminated)
 

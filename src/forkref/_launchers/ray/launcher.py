@@ -185,6 +185,11 @@ class RayLauncher(Launcher):
             return True
         return bool(free >= self.actor_options["num_cpus"])
 
+    @staticmethod
+    def _placed(channel: RayChannel) -> bool:
+        """The channel's actor has its CPUs: it answered, or Ray gave it a process."""
+        return channel.ready or (channel.alive() and actor_placed(channel.actor_id) is True)
+
     def _why_unplaced(self, channel: RayChannel) -> str | None:
         """The pool's error if ``channel``'s actor waits for CPUs that are not free; else None."""
         if actor_placed(channel.actor_id) is not False:
@@ -193,7 +198,7 @@ class RayLauncher(Launcher):
         pools, held = self.session.other_pools()
         shortage = Shortage(
             processes=self.processes,
-            running=sum(1 for c in self.channels if c.ready),
+            running=sum(1 for c in self.channels if c is not channel and self._placed(c)),
             each=self.actor_options["num_cpus"],
             total=total,
             free=free,
@@ -219,7 +224,7 @@ class RayLauncher(Launcher):
     def _actor_memory(
         self, timeout: float = 10.0
     ) -> tuple[tuple[ProcessMemory, ...], tuple[int, ...]]:
-        live = [c for c in self.channels if c._actor is not None and c._alive()]
+        live = [c for c in self.channels if c._actor is not None and c.alive()]
         futures = [c._actor.memory.remote() for c in live]
         ready, _ = self.ray.wait(futures, num_returns=len(futures), timeout=timeout)
         done = set(ready)
