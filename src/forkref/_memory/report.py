@@ -405,7 +405,7 @@ class MemorySampler:
 
     @property
     def peak_total_pss(self) -> int:
-        """The highest total PSS seen in one sample: the peak real cost of the processes."""
+        """The highest total PSS seen in one sample, the peak real cost of the processes."""
         return self._peak_total_pss
 
     def peaks(self) -> MemoryReport:
