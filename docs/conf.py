@@ -166,3 +166,28 @@ write_deviations(
     HERE.parent / "conformance" / "deviations.toml",
     HERE / "_build" / "_generated" / "deviations.md",
 )
+
+
+def write_architecture(source: Path, target: Path) -> None:
+    """The repository's ARCHITECTURE.md for the "Architecture" page, or a pointer to it.
+
+    Links into the repository (paths such as ``src/forkref/_engine/``) are not pages of
+    this site, so they become plain text; web links stay.
+    """
+    import re
+
+    if source.exists():
+        text = source.read_text()
+        text = re.sub(r"\[([^\]]+)\]\((?!https?://)[^)]*\)", r"\1", text)
+    else:
+        text = (
+            "# Architecture\n\n"
+            "The layers of `src/forkref/` are described in the repository's "
+            "`ARCHITECTURE.md` and in each subpackage's `__init__.py`; "
+            "[the data path](data-path.md) follows a task and a shared object through them.\n"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+write_architecture(HERE.parent / "ARCHITECTURE.md", HERE / "_build" / "_generated" / "architecture.md")
