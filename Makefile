@@ -52,11 +52,11 @@ lint: $(VENV)/.stamp-test,lint
 # The Sphinx site in docs/_build/html; every warning and unresolved reference fails it.
 # Offline: intersphinx reads the inventories kept in docs/_intersphinx/ (see docs/conf.py).
 docs: $(VENV)/.stamp-docs
-	$(VENV)/bin/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 
 # The sdist and wheel in dist/, and twine's check that PyPI would render their metadata.
 package: $(VENV)/.stamp-release
-	rm -rf dist
+	rm -rf dist build  # a stale build/ would be packed as it is
 	$(PY) -m build -q --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 

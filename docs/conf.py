@@ -49,20 +49,31 @@ nitpicky = True
 # forkref that the text describes but that are not API, and stdlib names that Python's
 # inventory does not list as objects.
 nitpick_ignore = [
-    ("py:class", "T"),
-    ("py:class", "K"),
-    ("py:class", "V"),
-    ("py:class", "P"),
-    ("py:class", "R"),
+    # Type variables of forkref's generic classes and functions.
+    *(
+        (role, f"forkref.{module}.{var}")
+        for role in ("py:class", "py:obj")
+        for module, names in {
+            "_memory.compact": "TKV",
+            "_pools.pool": "T",
+            "_pools.executor": "T",
+            "_share.handle": "T",
+        }.items()
+        for var in names
+    ),
+    *(("py:class", var) for var in "TKV"),
+    # Private classes that public signatures name: the pools' shared base, the iterator
+    # that imap returns (the stdlib documents no IMapIterator either), what a handle
+    # pickles to, and the accepted pid sources (an alias).
+    ("py:class", "forkref._pools.base.PoolBase"),
+    ("py:class", "forkref._pools.pool.IMapIterator"),
+    ("py:class", "forkref._refs.registry.Reference"),
     ("py:class", "Pids"),
     ("py:class", "PidSource"),
     # Undocumented in the stdlib's own docs, so Python's inventory has no entry for them.
     ("py:class", "BaseContext"),
     ("py:class", "multiprocessing.context.BaseContext"),
     ("py:class", "multiprocessing.pool.MaybeEncodingError"),
-]
-nitpick_ignore_regex = [
-    ("py:.*", r"forkref\._.*"),
 ]
 
 autodoc_member_order = "bysource"
@@ -129,8 +140,11 @@ ALIASES = {
     "concurrent.futures._base.Future": "concurrent.futures.Future",
     "concurrent.futures._base.Executor": "concurrent.futures.Executor",
     "_pickle.PicklingError": "pickle.PicklingError",
+    # forkref's own results have the stdlib's API, which documents it.
     "AsyncResult": "multiprocessing.pool.AsyncResult",
-    "MapResult": "multiprocessing.pool.AsyncResult",  # its subclass, not documented apart
+    "MapResult": "multiprocessing.pool.AsyncResult",
+    "forkref._pools.pool.AsyncResult": "multiprocessing.pool.AsyncResult",
+    "forkref._pools.pool.MapResult": "multiprocessing.pool.AsyncResult",
 }
 
 
