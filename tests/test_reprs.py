@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 import forkref
-from forkref._launchers.ray.launcher import ObjectStoreUse, RayMemoryReport
+from forkref._launchers.ray.memory import ObjectStoreUse, RayMemoryReport
 
 
 def _square(x: int) -> int:
