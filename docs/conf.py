@@ -66,7 +66,7 @@ nitpick_ignore = [
     # that imap returns (the stdlib documents no IMapIterator either), what a handle
     # pickles to, and the accepted pid sources (an alias).
     ("py:class", "forkref._pools.base.PoolBase"),
-    ("py:class", "forkref._pools.pool.IMapIterator"),
+    *(("py:class", f"forkref._pools.{module}.IMapIterator") for module in ("pool", "results")),
     ("py:class", "forkref._refs.registry.Reference"),
     ("py:class", "Pids"),
     ("py:class", "PidSource"),
@@ -143,14 +143,17 @@ ALIASES = {
     # forkref's own results have the stdlib's API, which documents it.
     "AsyncResult": "multiprocessing.pool.AsyncResult",
     "MapResult": "multiprocessing.pool.AsyncResult",
-    "forkref._pools.pool.AsyncResult": "multiprocessing.pool.AsyncResult",
-    "forkref._pools.pool.MapResult": "multiprocessing.pool.AsyncResult",
 }
 
 
 def _alias(app: object, env: object, node: dict[str, str], contnode: object) -> None:
     """Point a reference at the name its target is documented under; intersphinx resolves it."""
-    target = ALIASES.get(node.get("reftarget", ""))
+    name = node.get("reftarget", "")
+    if name.startswith("forkref._"):
+        # forkref's private classes are named here by their class name, so that moving
+        # one to another private module changes nothing.
+        name = name.rsplit(".", 1)[-1]
+    target = ALIASES.get(name)
     if target is not None:
         node["reftarget"] = target
 
