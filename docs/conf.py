@@ -23,7 +23,7 @@ import forkref  # noqa: E402  (after the path is set)
 
 project = "forkref"
 author = "The forkref developers"
-copyright = "2026, The forkref developers"  # noqa: A001  (Sphinx's name)
+copyright = "2026, The forkref developers"
 release = forkref.__version__
 version = release
 
@@ -207,4 +207,6 @@ def write_architecture(source: Path, target: Path) -> None:
     target.write_text(text)
 
 
-write_architecture(HERE.parent / "ARCHITECTURE.md", HERE / "_build" / "_generated" / "architecture.md")
+write_architecture(
+    HERE.parent / "ARCHITECTURE.md", HERE / "_build" / "_generated" / "architecture.md"
+)
