@@ -113,6 +113,9 @@ def test_the_installed_package_imports_and_runs_doctor(
     _run(python, "-c", code, *modules, env=env)
     version = _run(python.parent / "forkref", "--version", env=env).stdout.strip()
     assert version == f"forkref {forkref.__version__}"
+    # One source: the wheel's metadata has the version forkref/_version.py gives.
+    metadata = "import importlib.metadata as m; print(m.version('forkref'))"
+    assert _run(python, "-c", metadata, env=env).stdout.strip() == forkref.__version__
     doctor = _run(python.parent / "forkref", "doctor", env=env)
     assert f"forkref {forkref.__version__} doctor" in doctor.stdout
     assert str(python.parent) in doctor.stdout  # it ran in the fresh environment
