@@ -1,8 +1,9 @@
 # The two commands of the README's Quickstart:
 #   make demo   builds .venv and runs `forkref bench --quick`: forkref against the stdlib
 #               pools, joblib, mpire (and Ray, when installed) on five workloads, every result checked (1-1.5 min)
-#   make test   builds .venv, runs ruff, mypy --strict, the docs build (make docs), the
-#               package checks (make package) and the suite on Python 3.11,
+#   make test   builds .venv, runs ruff, mypy --strict, the import-linter layer contracts,
+#               the docs build (make docs), the package checks (make package) and the suite
+#               on Python 3.11,
 #               then the smoke subset on every other supported Python that is installed;
 #               with CONFORMANCE=1 also `make conformance` (CPython 3.13's pool tests)
 # Both create their own virtualenvs and install what they need; nothing else is required.
@@ -45,9 +46,11 @@ demo: $(VENV)/.stamp-demo
 CONFORMANCE ?= 1
 test: lint docs package unit smoke $(if $(filter 1,$(CONFORMANCE)),conformance)
 
+# The layers of ARCHITECTURE.md are import-linter contracts in pyproject.toml.
 lint: $(VENV)/.stamp-test,lint
 	$(VENV)/bin/ruff check src tests benchmarks conformance
 	$(VENV)/bin/mypy --strict src/forkref
+	$(VENV)/bin/lint-imports --no-cache
 
 # The Sphinx site in docs/_build/html; every warning and unresolved reference fails it.
 # Offline: intersphinx reads the inventories kept in docs/_intersphinx/ (see docs/conf.py).
