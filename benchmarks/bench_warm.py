@@ -160,7 +160,7 @@ def _store_counts() -> str:
     server = export._server
     if server is None:
         return "no export server"
-    store = server.store
+    store = server.store.warm
     return f"{store.created} segments written fresh, {store.reused} reused"
 
 
