@@ -155,3 +155,11 @@ def test_dumps_without_threshold_is_plain_pickle() -> None:
     assert autoresult.dumps(arr, None) == pickle.dumps(arr, pickle.HIGHEST_PROTOCOL)
     assert autoresult.big_nbytes(np.array(["a", None], dtype=object)) is None
     assert autoresult.big_nbytes([1, 2]) is None
+
+
+def test_a_result_with_no_room_in_shared_memory_takes_the_pipe(small_tmpfs: str) -> None:
+    with forkref.Pool(1, context=mp.get_context("spawn")) as pool:
+        result = pool.apply(big, (4,))  # 2.4 MB: no room in a 1 MiB tmpfs
+    assert float(result[-1]) == 4.0
+    assert _segment_mappings() == 0
+    assert not os.listdir(small_tmpfs)
