@@ -13,9 +13,10 @@ similar size is copied into it at memory speed. How data flows::
       exclusive flock succeeds (no reader maps it)
         -> memcpy into the store's kept mapping,
            new generation in the header
-      else a new unnamed segment: pwrite (faster
-        than a first write through a mapping),
-        then a populated writable mapping is kept
+      else a new unnamed segment, written with
+        pwrite (faster than a first write through
+        a mapping); its first reuse maps it
+        writable, pages populated, kept after
     reply: size, generation + the segment's        map_for_reading(fd, size, gen):
       read-only descriptor  --------------------->   reopen it (a description of its own),
                                                      flock LOCK_SH, map PROT_READ; the lock
@@ -104,12 +105,22 @@ class Segment:
     """One unnamed segment: the store's read-write descriptor and mapping, the
     read-only descriptor workers get, and the generation of its current use."""
 
-    __slots__ = ("capacity", "fd", "generation", "idle_since", "mapping", "ro_fd", "size")
+    __slots__ = (
+        "capacity",
+        "fd",
+        "generation",
+        "idle_since",
+        "mapping",
+        "reusable",
+        "ro_fd",
+        "size",
+    )
 
     def __init__(self, fd: int, capacity: int) -> None:
         self.fd, self.capacity = fd, capacity
         self.ro_fd = -1
-        self.mapping: mmap.mmap | None = None
+        self.reusable = False  # readers can lock it (there is a /proc)
+        self.mapping: mmap.mmap | None = None  # made at the first reuse, then kept
         self.generation = 0
         self.size = 0
         self.idle_since = 0.0
@@ -141,9 +152,11 @@ class WarmStore:
         if seg is not None:
             try:
                 self._rewrite(seg, p)
-            except BaseException:
+            except BaseException as err:
                 seg.close()
-                raise
+                if not isinstance(err, (OSError, ValueError)):
+                    raise
+                return self._create(p, what)  # it could not be mapped: a fresh one
             return seg
         return self._create(p, what)
 
@@ -165,7 +178,8 @@ class WarmStore:
         return None
 
     def _rewrite(self, seg: Segment, p: serialize.Plan) -> None:
-        assert seg.mapping is not None
+        if seg.mapping is None:
+            seg.mapping = _populated_mapping(seg)
         seg.generation, seg.size = next(_generations), p.size
         view = memoryview(seg.mapping)
         try:
@@ -177,7 +191,7 @@ class WarmStore:
 
     def _create(self, p: serialize.Plan, what: str) -> Segment:
         capacity = _capacity(p.size)
-        cap = cap_bytes(self.parked_bytes())  # a bad setting fails here, with its fix
+        cap_bytes(self.parked_bytes())  # a bad setting fails here, with its fix
         try:
             fd = segments.create_anonymous(capacity, what)
         except SharedMemoryFullError:
@@ -189,10 +203,9 @@ class WarmStore:
             seg.generation, seg.size = next(_generations), p.size
             serialize.write(p, fd, what, seg.generation)
             seg.ro_fd = _reopen(fd)
-            if seg.ro_fd < 0:
+            seg.reusable = seg.ro_fd >= 0
+            if not seg.reusable:
                 seg.ro_fd = os.dup(fd)  # no /proc: readers cannot lock, so never reused
-            elif capacity <= cap:
-                _keep_mapping(seg)  # it may be parked later: ready for a memcpy then
         except BaseException:
             seg.close()
             raise
@@ -209,7 +222,7 @@ class WarmStore:
                 cap = cap_bytes(sum(s.capacity for s in self.parked))
             except SharedMemoryError:
                 cap = 0  # a bad setting: reported by the next export, not by a release
-            if seg.mapping is None or seg.capacity > cap:
+            if not seg.reusable or seg.capacity > cap:
                 gone = [seg]
             else:
                 self.parked.append(seg)
@@ -262,16 +275,16 @@ def _pages(n: int) -> int:
     return -(-n // _PAGE) * _PAGE
 
 
-def _keep_mapping(seg: Segment) -> None:
-    """Map a new segment writable with its pages populated, for a later use's memcpy.
+def _populated_mapping(seg: Segment) -> mmap.mmap:
+    """Map a segment writable with its pages populated, kept for every later use.
 
-    Populated once, right after the first write (pwrite: faster than a first
-    write through a mapping, which faults every page in), so that every reuse
-    is a plain memcpy into mapped pages. No mapping: the segment is not reused.
+    Made at the first reuse, not at creation: populating costs about as much
+    as a warm pwrite, which a segment never reused should not pay, and it
+    turns every later reuse into a plain memcpy into mapped pages (a memcpy
+    through a fresh mapping faults every page in, slower than pwrite).
     """
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    with contextlib.suppress(OSError, ValueError):
-        seg.mapping = mmap.mmap(seg.fd, seg.capacity, flags=flags)
+    return mmap.mmap(seg.fd, seg.capacity, flags=flags)
 
 
 def _reopen(fd: int) -> int:
