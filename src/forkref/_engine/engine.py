@@ -69,7 +69,7 @@ from forkref._engine.launcher import (
 from forkref._engine.scheduler import Cancelled, Completion, Scheduler, Task
 from forkref._engine.wire import OK
 from forkref._engine.worker import WorkerSetup
-from forkref._errors import BrokenPoolError, Error, TaskPicklingError
+from forkref._errors import BrokenPoolError, Error, ReleasedError, TaskPicklingError
 from forkref._fork.safe import (
     FORK_LOCK,
     default_context,
@@ -201,7 +201,7 @@ class Engine:
             if fn_blob is None:
                 try:
                     fn_blob = self.encoder.encode_function(fn)
-                except TaskPicklingError:
+                except (TaskPicklingError, ReleasedError):
                     if not self._started:  # a submit starts the workers, as the stdlib's does
                         self._ensure_generation([])
                     raise
@@ -230,7 +230,7 @@ class Engine:
             for data, on_done, on_start, offset in chunk:
                 try:
                     encoded = batch.encode(kind, fn, data, offset)
-                except TaskPicklingError as err:
+                except (TaskPicklingError, ReleasedError) as err:
                     if fail_fast:
                         raise
                     on_done(False, err)

@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from forkref._errors import TaskPicklingError
+from forkref._errors import ReleasedError, TaskPicklingError
 from forkref._refs.registry import Reference, collect_references
 from forkref._share.autoshare import AutoSharer, ByReference
 from forkref._shm import export as _export
@@ -169,6 +169,7 @@ class TaskEncoder:
 
         Raises:
             TaskPicklingError: the function cannot be pickled; says why and the fix.
+            ReleasedError: it carries a released :class:`forkref.Shared` handle.
         """
         with collect_references() as refs, self._deferred():
             try:
@@ -182,6 +183,7 @@ class TaskEncoder:
 
         Raises:
             TaskPicklingError: it cannot be pickled any more (changed since submit).
+            ReleasedError: it carries a handle released since submit.
         """
         sink = _Sink(None)
         try:
@@ -322,10 +324,14 @@ class TaskEncoder:
 
     def _explain(
         self, kind: int, fn: Any, data: Any, err: Exception, offset: int
-    ) -> TaskPicklingError:
+    ) -> TaskPicklingError | ReleasedError:
         culprit, obj = self._find_culprit(kind, fn, data, offset)
         if culprit is None:
             culprit, obj = "the task", data
+        if isinstance(err, ReleasedError):
+            # Not a pickling problem but a use after release(): the same error
+            # the stdlib's pools raise, with where the handle was in the task.
+            return ReleasedError(f"{err} (the handle is in {culprit})")
         what = f"{culprit} ({type(obj).__module__}.{type(obj).__qualname__})"
         return TaskPicklingError(
             f"cannot send {what} to {self.destination}: pickling failed with {err!r}; "
@@ -515,6 +521,7 @@ class TaskBatch:
         Raises:
             TaskPicklingError: naming the argument or item that cannot be
                 pickled, why, and the fix.
+            ReleasedError: the task carries a released :class:`forkref.Shared` handle.
         """
         walked = self._encoder._walk_data(kind, data, offset)
         self._sink.reset()
