@@ -55,7 +55,7 @@ from forkref._engine.launcher import (
 )
 from forkref._engine.scheduler import Completion, Worker
 from forkref._engine.wire import HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
-from forkref._errors import BrokenPoolError, WorkerDiedError
+from forkref._errors import BrokenPoolError, WorkerDiedError, file_limit_text, is_file_limit
 from forkref._fork.safe import DETACHED, mark_dispatcher, wait_os_thread_gone
 from forkref._shm import export as _export
 
@@ -77,7 +77,12 @@ class Dispatcher:
         self._engine_ref = weakref.ref(engine)
         self.thread: threading.Thread | None = None
         self.in_callbacks = False  # the owning thread is running on_done callbacks
-        self._wake_r, self._wake_w = os.pipe()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except OSError as err:
+            if is_file_limit(err):
+                raise BrokenPoolError(file_limit_text("create a pool", err)) from err
+            raise
         OWN_FDS.update((self._wake_r, self._wake_w))
         self._woken = False
         self._poller = select.poll()

@@ -282,13 +282,20 @@ class Engine:
             # rest of a map would otherwise hold it for up to the switch interval
             # (5 ms), and the workers would wait for their first task as long.
             time.sleep(0)
-        if self.finished.is_set():  # lost the race with the end of the engine
-            with self.lock:
+        # Lost the race with the end of the engine (closed, or broken by a failed
+        # launch)? Read under the lock: the dispatcher checks all_done() and
+        # finishes in one hold of it, so a test outside could fall between the
+        # two and leave these tasks in a finished engine for ever.
+        with self.lock:
+            lost = []
+            if self.finished.is_set():
                 self.scheduler.drain_incoming()
                 lost = [t for t in self.scheduler.queue if t in tasks]
                 for t in lost:
                     self.scheduler.queue.remove(t)
-            self.complete([(t, -1, RuntimeError("the pool was closed")) for t in lost])
+        if lost:
+            why = self.broken or RuntimeError("the pool was closed")
+            self.complete([(t, -1, why) for t in lost])
 
     def _commit(self) -> None:
         """Mark the executor's call window running now, as the stdlib's submit() does."""

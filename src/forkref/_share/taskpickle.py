@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from forkref._errors import ReleasedError, TaskPicklingError
+from forkref._errors import ReleasedError, TaskPicklingError, file_limit_text, is_file_limit
 from forkref._refs.registry import Reference, collect_references
 from forkref._share.autoshare import AutoSharer, ByReference
 from forkref._shm import export as _export
@@ -333,6 +333,9 @@ class TaskEncoder:
             # the stdlib's pools raise, with where the handle was in the task.
             return ReleasedError(f"{err} (the handle is in {culprit})")
         what = f"{culprit} ({type(obj).__module__}.{type(obj).__qualname__})"
+        if is_file_limit(err):  # not the object's fault: no descriptor was left to pickle it
+            assert isinstance(err, OSError)
+            return TaskPicklingError(file_limit_text(f"pickle {what} for {self.destination}", err))
         return TaskPicklingError(
             f"cannot send {what} to {self.destination}: pickling failed with {err!r}; "
             f"{self._fix(culprit, fn)}"
