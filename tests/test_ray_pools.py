@@ -69,16 +69,10 @@ from test_pool import (  # noqa: E402, F401
 )
 
 # Actors start in 1-3 s each on a loaded 2-core machine: generous, never a timing claim.
-pytestmark = pytest.mark.timeout(300)
+# One local Ray for the module: pools join it and leave it running.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("ray_instance")]
 
 MiB = 2**20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance() -> Iterator[Any]:
-    """One local Ray for the module: pools connect to it and leave it running."""
-    with ray_harness.local_ray(num_cpus=2) as context:
-        yield context
 
 
 @pytest.fixture
@@ -284,8 +278,11 @@ def test_context_does_not_apply() -> None:
 
 
 def test_a_cluster_with_fewer_cpus_than_workers_is_refused_clearly() -> None:
-    with (
-        forkref.Pool(3, backend="ray") as p,  # the module's Ray has 2 CPUs
-        pytest.raises(forkref.Error, match=r"has 2 CPUs .* 3 workers needs 3"),
-    ):
-        p.apply(sqr, (2,))
+    import ray
+
+    # The module's Ray has 2 CPUs: said by the constructor, before any task waits.
+    with pytest.raises(forkref.Error, match=r"has 2 CPUs .* 3 workers needs 3"):
+        forkref.Pool(3, backend="ray")
+    assert ray.is_initialized(), "a Ray the pool did not start is left running"
+    with forkref.Pool(2, backend="ray") as p:  # and the refused pool holds no CPU
+        assert p.map(sqr, [1, 2]) == [1, 4]

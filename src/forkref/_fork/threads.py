@@ -247,7 +247,7 @@ def _tqdm_thread_locks() -> list[Any]:
     if std is None:
         return []
     default = getattr(std, "TqdmDefaultWriteLock", None)
-    classes = [getattr(std, "tqdm", None), *(t.tqdm_cls for t in tqdm_monitors())]
+    classes = [getattr(std, "tqdm", None), *(getattr(t, "tqdm_cls", None) for t in tqdm_monitors())]
     found: list[Any] = []
     candidates = [getattr(default, "th_lock", None)]
     for cls in classes:

@@ -51,7 +51,7 @@ _DEFAULT_THRESHOLD = 2**20
 _SCALARS = (int, float, bool, complex, type(None))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Explanation:
     """How one object would reach a ``forkref.Pool``'s workers, and what it costs.
 
@@ -87,6 +87,12 @@ class Explanation:
     late_per: str
     late_reason: str
     fix: str | None
+
+    def __repr__(self) -> str:
+        return (
+            f"<forkref.Explanation {self.what}: {self.route}, {_cost(self.seconds, self.per)}; "
+            "print() it for why and the fix>"
+        )
 
     def __str__(self) -> str:
         parts = [
