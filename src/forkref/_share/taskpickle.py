@@ -73,7 +73,16 @@ from forkref._refs.registry import Reference, collect_references
 from forkref._share.autoshare import AutoSharer, ByReference
 from forkref._shm import export as _export
 
-__all__ = ["CALL", "INLINE_LIMIT", "MAP", "STARMAP", "FnBlob", "TaskBatch", "TaskEncoder"]
+__all__ = [
+    "CALL",
+    "INLINE_LIMIT",
+    "MAP",
+    "STARMAP",
+    "FnBlob",
+    "TaskBatch",
+    "TaskEncoder",
+    "importable",
+]
 
 CALL, MAP, STARMAP = 0, 1, 2
 #: Task pickles above this many bytes are made again when a worker is free to take them.
@@ -83,6 +92,17 @@ _FAST: frozenset[type] = frozenset({int, float, bool, complex, type(None)})
 _MAX_DEPTH = 4
 _WALKED: frozenset[type] = frozenset({tuple, list, dict})
 _MAX_WALK = 256  # containers longer than this are judged as a whole, not item by item
+
+
+def importable(obj: Any, forked: bool = True) -> bool:
+    """Whether ``obj`` (a function or class) travels by qualified name, as the stdlib sends it.
+
+    For workers not forked (``forked=False``), a ``__main__`` object does only
+    if they import ``__main__`` too (a script's, not a notebook's or ``-c``'s).
+    """
+    if not forked and getattr(obj, "__module__", None) == "__main__" and not _main_importable():
+        return False
+    return _importable(obj)
 
 
 def _importable(obj: Any) -> bool:
