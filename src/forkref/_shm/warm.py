@@ -1,8 +1,9 @@
 """The warm segment store: released export segments keep their pages for the next export.
 
 A fresh tmpfs page costs far more to write than a page already written
-(the kernel allocates and zeroes it first: about 0.7 GB/s here against
-5 GB/s for a warm page; ``benchmarks/bench_warm.py``). So a segment whose
+(the kernel allocates and zeroes it first: 0.4-2.4 GB/s here, with
+pwrite, against 5-10 GB/s for a memcpy into written, mapped pages;
+``benchmarks/bench_warm.py --write-methods``). So a segment whose
 export is released is *parked* with its pages, and the next export of a
 similar size is copied into it at memory speed. How data flows::
 
