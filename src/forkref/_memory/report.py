@@ -33,6 +33,7 @@ from typing import TypeAlias
 import psutil
 
 from forkref._errors import MemoryAccessError, MemoryReportError
+from forkref._fork.atfork import pause_at_every_fork
 from forkref._fork.safe import register_pausable
 from forkref._os import wait_os_thread_gone
 
@@ -305,9 +306,12 @@ class MemorySampler:
             self.sample()
             with self._thread_lock:
                 self._start_thread()
-            # forkref's pools fork their generations with this thread stopped:
-            # a thread running across fork() is what Python 3.12+ warns about.
+            # No fork copies this thread, and none warns because of it (a thread
+            # running across fork() is what Python 3.12+ warns about): forkref's
+            # pools fork their generations with it paused, and every other fork
+            # of this process (a stdlib pool's, say) stops it for the fork too.
             register_pausable(self)
+            pause_at_every_fork(self)
         return self
 
     def _start_thread(self) -> None:
