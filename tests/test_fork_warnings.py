@@ -52,7 +52,7 @@ _SCENARIOS = {
     # thread serves again once the fork has returned, with no new handle pickled
     # (a spawned process resolves one pickled before the fork).
     "forkref-export": """
-import pickle
+import pickle, sys
 
 def resolve(data):
     assert len(pickle.loads(data)) == 10
@@ -65,6 +65,7 @@ def main():
     settle()
     child = mp.get_context("fork").Process(target=len, args=((),))
     child.start()
+    assert sys.getprofile() is None  # the one-shot watch for the fork's return is gone
     child.join()
     late = mp.get_context("spawn").Process(target=resolve, args=(data,))
     late.start()
