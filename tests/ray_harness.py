@@ -242,7 +242,7 @@ class ChannelDriver:
     """
 
     def __init__(self, launcher: Any, share_threshold: int | None = 2**20) -> None:
-        from forkref._engine.generations import Generation
+        from forkref._engine.model import Generation
         from forkref._share.autoshare import AutoSharer
 
         self.launcher = launcher
@@ -257,7 +257,7 @@ class ChannelDriver:
         return self.launcher.launch(self.gen, next(self._wids))
 
     def encode(self, kind: int, fn: Any, datas: list[Any]) -> list[Any]:
-        from forkref._engine.scheduler import Task
+        from forkref._engine.model import Task
 
         fn_blob = self.encoder.encode_function(fn)
         tasks = []

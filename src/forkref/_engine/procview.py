@@ -22,24 +22,18 @@ import os
 import select
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import ProcessChannel
+from forkref._engine.model import Worker
 from forkref._os import process_running
-
-if TYPE_CHECKING:
-    from forkref._engine.engine import Engine
-    from forkref._engine.scheduler import Worker
 
 __all__ = ["ForkedWorker", "process_view"]
 
 
-def process_view(engine: Engine, worker: Worker) -> Any:
+def process_view(worker: Worker) -> Any:
     """The ``multiprocessing.Process`` of ``worker``, or a :class:`ForkedWorker` view of it."""
-    channel = worker.channel
-    if isinstance(channel, ProcessChannel) and channel.process._start_method != "forkserver":
-        return channel.process
-    return ForkedWorker(worker)
+    process = worker.channel.stdlib_process()
+    return process if process is not None else ForkedWorker(worker)
 
 
 class ForkedWorker:

@@ -74,8 +74,8 @@ class Pausable(Protocol):
 
 
 _PAUSABLE: weakref.WeakSet[Any] = weakref.WeakSet()
-#: Threads that were detached rather than joined by a pause (see _dispatcher); alive until
-#: they return from user callbacks, so they count as foreign at a fork.
+#: Threads that were detached rather than joined by a pause (see forkref._engine.dispatcher);
+#: alive until they return from user callbacks, so they count as foreign at a fork.
 DETACHED: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 _local = threading.local()
 

@@ -32,10 +32,9 @@ import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forkref._engine.launcher import (
-    Channel,
     Event,
     Launcher,
     ServerLost,
@@ -43,13 +42,11 @@ from forkref._engine.launcher import (
     WorkerExited,
     WorkerStarted,
 )
+from forkref._engine.model import Channel, Generation
 from forkref._engine.wire import CTRL_ID, OWN_FDS, close_fd, ctrl_recv, ctrl_send
 from forkref._engine.worker import WorkerSetup, flush_stdio, worker_loop
 from forkref._fork.safe import fork_child
 from forkref._refs import forkrecord
-
-if TYPE_CHECKING:
-    from forkref._engine.generations import Generation
 
 __all__ = ["ZygoteLauncher", "zygote_main"]
 

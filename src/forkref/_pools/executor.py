@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
-from forkref._engine.scheduler import Cancelled
+from forkref._engine.model import Cancelled
 from forkref._errors import BrokenPoolError, TaskPicklingError
 from forkref._pools.base import DEFAULT_THRESHOLD, EngineLifetime, PoolBase
 from forkref._pools.progress import Progress, ProgressOption, counted

@@ -45,18 +45,15 @@ import threading
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import Channel
+from forkref._engine.model import Channel, Task
 from forkref._engine.wire import ERR, HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
 from forkref._engine.worker import MAX_FUNCTIONS
 from forkref._errors import NotInheritedError, TaskPicklingError, WorkerDiedError
 from forkref._launchers.ray.objects import ObjectTable
 from forkref._refs.registry import Reference
 from forkref._share.taskpickle import FnBlob
-
-if TYPE_CHECKING:
-    from forkref._engine.scheduler import Task
 
 __all__ = ["RayChannel"]
 

@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import Channel, Launcher, LaunchError
+from forkref._engine.launcher import Launcher, LaunchError
+from forkref._engine.model import Channel, Generation
 from forkref._engine.worker import WorkerSetup
 from forkref._errors import Error
 from forkref._launchers.ray.channel import RayChannel
@@ -55,9 +56,6 @@ from forkref._launchers.ray.session import RaySession, import_ray
 from forkref._memory.report import ProcessMemory, memory_report
 from forkref._share.autoshare import AutoSharer
 from forkref._share.taskpickle import TaskEncoder
-
-if TYPE_CHECKING:
-    from forkref._engine.generations import Generation
 
 __all__ = ["RayLauncher"]
 
