@@ -120,9 +120,12 @@ class Dispatcher:
 
     def start(self) -> None:
         """Start a dispatcher thread if none owns the engine (under the engine lock or not)."""
-        if self.thread is not None or self._engine.finished.is_set():
-            return
-        self.thread = threading.Thread(target=self._run, name="forkref-dispatcher", daemon=True)
+        engine = self._host_ref()
+        if engine is None or self.thread is not None or engine.finished.is_set():
+            return  # (no engine: nothing left to dispatch for)
+        self.thread = threading.Thread(
+            target=self._run, args=(engine,), name="forkref-dispatcher", daemon=True
+        )
         self.thread.start()
 
     def pause(self) -> bool:
@@ -135,7 +138,10 @@ class Dispatcher:
         like a foreign thread: it loses the engine and exits after its
         callbacks.
         """
-        with self._engine.lock:
+        engine = self._host_ref()
+        if engine is None:  # a running thread holds its engine: none runs
+            return False
+        with engine.lock:
             thread = self.thread
             if thread is None or thread is threading.current_thread():
                 return False
@@ -186,9 +192,9 @@ class Dispatcher:
         close_fd(self._wake_w)
         self._wake_r = self._wake_w = -1
 
-    def _run(self) -> None:
+    def _run(self, engine: DispatcherHost) -> None:
+        # The thread holds its engine until it ends: pending work still runs.
         mark_dispatcher()
-        engine = self._engine  # held until the thread ends: pending work still runs
         try:
             while self._step():
                 pass
