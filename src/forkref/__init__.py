@@ -21,6 +21,7 @@ from forkref._errors import (
     SharedMemoryError,
     SharedMemoryFullError,
     TaskPicklingError,
+    TaskTimeoutError,
     WorkerDiedError,
 )
 from forkref._fork.hygiene import fork_hygiene
@@ -60,6 +61,7 @@ __all__ = [
     "SharedMemoryError",
     "SharedMemoryFullError",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "WorkerDiedError",
     "compact",
     "compact_dict",

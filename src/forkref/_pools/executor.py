@@ -93,6 +93,9 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         auto_share: see :class:`forkref.Pool`.
         backend: ``"local"`` or ``"ray"``; see :class:`forkref.Pool`.
         address: the Ray cluster for ``backend="ray"``; see :class:`forkref.Pool`.
+        task_timeout: seconds a task may run once a worker starts it; past
+            that its future fails with :class:`~forkref.TaskTimeoutError`, its
+            worker is replaced, and the executor goes on (it does not break).
     """
 
     __module__ = "forkref"
@@ -109,6 +112,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         auto_share: bool = False,
         backend: str = "local",
         address: str | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -131,6 +135,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             auto_share=auto_share,
             backend=backend,
             address=address,
+            task_timeout=task_timeout,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False
@@ -183,12 +188,15 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         futures: list[Future[Any]] = []
         tasks = []
+        offset = 0  # of a map chunk's first item, for messages
         for data in chunks:
             future: Future[Any] = Future()
             futures.append(future)
             # Counted before the future resolves: whoever sees the result sees the count.
             on_done = counted(bar, _completer(future))
-            tasks.append((data, on_done, future.set_running_or_notify_cancel, 0))
+            tasks.append((data, on_done, future.set_running_or_notify_cancel, offset))
+            if kind != CALL:
+                offset += len(data)
         try:
             self._engine.submit_many(kind, fn, tasks)
         except TaskPicklingError as err:  # the function itself: every future carries it
