@@ -1,7 +1,8 @@
 # The two commands of the README's Quickstart:
 #   make demo   builds .venv and runs `forkref bench --quick`: forkref against the stdlib
 #               pools, joblib, mpire (and Ray, when installed) on five workloads, every result checked (1-1.5 min)
-#   make test   builds .venv, runs ruff, mypy --strict and the suite on Python 3.11,
+#   make test   builds .venv, runs ruff, mypy --strict, the import-linter layer contracts and
+#               the suite on Python 3.11,
 #               then the smoke subset on every other supported Python that is installed;
 #               with CONFORMANCE=1 also `make conformance` (CPython 3.13's pool tests)
 # Both create their own virtualenvs and install what they need; nothing else is required.
@@ -44,9 +45,11 @@ demo: $(VENV)/.stamp-demo
 CONFORMANCE ?= 1
 test: lint unit smoke $(if $(filter 1,$(CONFORMANCE)),conformance)
 
+# The layers of ARCHITECTURE.md are import-linter contracts in pyproject.toml.
 lint: $(VENV)/.stamp-test,lint
 	$(VENV)/bin/ruff check src tests benchmarks conformance
 	$(VENV)/bin/mypy --strict src/forkref
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray
 	$(PY) -m pytest -q $(PYTEST_ARGS)

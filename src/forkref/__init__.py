@@ -74,9 +74,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-# Public classes say they live in ``forkref``: stable import paths for
-# pickling (a worker re-raising an error unpickles it by this path) and docs.
-for _cls in (Error, NotInheritedError, PerformanceWarning, ReleasedError):
-    _cls.__module__ = "forkref"
-del _cls

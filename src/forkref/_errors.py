@@ -27,7 +27,9 @@ Hierarchy::
      └── ForkWarning                    a pool forks while other threads run
 
 Every exception here is picklable with its message intact: it may be raised in
-a worker and re-raised in the parent.
+a worker and re-raised in the parent. Each says ``__module__ = "forkref"`` in
+its class body (as every public class of forkref does): it is pickled, and
+documented, by that stable path rather than by this private module's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ __all__ = ["Error", "NotInheritedError", "PerformanceWarning", "ReleasedError"]
 
 class Error(Exception):
     """Base class of every exception raised by forkref."""
+
+    __module__ = "forkref"
 
 
 class NotInheritedError(Error):
@@ -51,9 +55,13 @@ class NotInheritedError(Error):
     says which case it is, why shared memory could not stand in, and what to do.
     """
 
+    __module__ = "forkref"
+
 
 class ReleasedError(Error):
     """A :class:`forkref.Shared` handle was used after ``release()``."""
+
+    __module__ = "forkref"
 
 
 class PerformanceWarning(UserWarning):
@@ -62,6 +70,8 @@ class PerformanceWarning(UserWarning):
     The message names the argument, its estimated size and the fix
     (``forkref.share(...)`` or ``auto_share=True``).
     """
+
+    __module__ = "forkref"
 
 
 # -- shared-memory transport (issue 4) ---------------------------------------

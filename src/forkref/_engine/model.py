@@ -126,6 +126,9 @@ class Channel(abc.ABC):
         fd: readable when replies (or the end) arrive; None once closed.
         sentinel: readable when the worker has exited, where the launcher
             has such a descriptor; then :meth:`exit_status` tells how.
+        startup_error: set by a launcher that knows why its worker could not
+            start (a Ray actor that no node had room for); a channel that
+            ends before READY breaks the pool with this message as it is.
         prefetch_max: bytes of tasks that may wait behind the running one
             without blocking :meth:`send`.
     """
@@ -135,6 +138,7 @@ class Channel(abc.ABC):
     fd: int | None
     sentinel: int | None = None
     prefetch_max: int = 1 << 16
+    startup_error: str | None = None
 
     @abc.abstractmethod
     def send(self, task: Task) -> None:

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from forkref._engine.model import Worker
+from forkref._os import process_running
 
 __all__ = ["ForkedWorker", "process_view"]
 
@@ -55,11 +56,7 @@ class ForkedWorker:
         """Whether the process still runs (a zombie counts as exited)."""
         if self._worker.status is not None:
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-        except OSError:
-            return False
+        return process_running(self.pid)
 
     def terminate(self) -> None:
         """Send SIGTERM."""

@@ -270,7 +270,7 @@ class Workforce:
         how = w.channel.describe_exit(w.status)
         running = state.scheduler.worker_gone(w)  # the tasks behind it go back to the queue
         if not w.ready and not w.stopping:
-            err = BrokenPoolError(self._startup_failure(w, how))
+            err = BrokenPoolError(w.channel.startup_error or self._startup_failure(w, how))
             if running is not None:
                 completions.append((running, -1, err))
             self._outcomes.break_locked(err, completions)

@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from typing import Any, NoReturn, Protocol
 
 from forkref._errors import ForkError
 from forkref._fork import threads as _threads
+from forkref._os import wait_os_thread_gone  # re-exported: the _engine threads join with it
 
 __all__ = [
     "FORK_LOCK",
@@ -198,22 +198,6 @@ def reset_in_child() -> None:
     FORK_LOCK = threading.RLock()
     _PAUSABLE.clear()
     DETACHED.clear()
-
-
-def wait_os_thread_gone(tid: int | None, limit: float = 1.0) -> None:
-    """Wait (briefly) until a joined thread has left the kernel's thread list too.
-
-    ``join()`` returns when the thread's Python part has finished, an instant
-    before its OS thread exits; a fork in that instant counts it, and Python
-    3.12+ (which reads the count from /proc) warns that the process is
-    multi-threaded.
-    """
-    if tid is None:
-        return
-    path = f"/proc/self/task/{tid}"
-    deadline = time.monotonic() + limit
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.0001)
 
 
 def _native_threads() -> int:

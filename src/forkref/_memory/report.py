@@ -33,7 +33,8 @@ from typing import TypeAlias
 import psutil
 
 from forkref._errors import MemoryAccessError, MemoryReportError
-from forkref._fork.safe import register_pausable, wait_os_thread_gone
+from forkref._fork.safe import register_pausable
+from forkref._os import wait_os_thread_gone
 
 __all__ = ["MemoryReport", "MemorySampler", "ProcessMemory", "memory_report"]
 

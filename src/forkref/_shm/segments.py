@@ -57,7 +57,9 @@ import stat
 import sys
 import threading
 
+from forkref import _os
 from forkref._errors import SharedMemoryError, SharedMemoryFullError
+from forkref._os import unlink_quietly
 
 __all__ = [
     "RESULT_PREFIX",
@@ -143,7 +145,7 @@ def create_named(nbytes: int, what: str) -> tuple[str, int]:
         _janitor_watch(path, what)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise
     _truncate(fd, nbytes, what, directory, path)
     return path, fd
@@ -169,7 +171,7 @@ def _truncate(fd: int, nbytes: int, what: str, directory: str, path: str | None 
     except OSError as err:
         os.close(fd)
         if path is not None:
-            _unlink_quietly(path)
+            unlink_quietly(path)
         raise SharedMemoryError(
             f"cannot size the shared-memory segment for {what} to {nbytes} bytes "
             f"in {directory!r}: {err}"
@@ -226,13 +228,8 @@ def open_and_unlink(path: str, what: str) -> tuple[int, int]:
         raise SharedMemoryError(
             f"refusing the segment {path!r} for {what}: not a private file of this user"
         )
-    _unlink_quietly(path)
+    unlink_quietly(path)
     return fd, st.st_size
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 # -- the janitor ---------------------------------------------------------------
@@ -248,23 +245,13 @@ import os
 # Drop every descriptor inherited from the writer first: holding the end of
 # a pool's pipe would hide the writer's death from its pool.
 os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
-import json, select, signal, time
+import json, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+# forkref._os, run from its file (argv[2]): forkref itself is not imported here.
+helpers = {"__name__": "forkref_os"}
+with open(sys.argv[2], "rb") as f:
+    exec(compile(f.read(), sys.argv[2], "exec"), helpers)
+alive = helpers["process_running"]
 watched, buf, reading = {}, b"", True
 while reading or watched:
     if reading and select.select([0], [], [], 0.2)[0]:
@@ -386,7 +373,7 @@ def _start_janitor() -> int:
     try:
         pid = os.posix_spawn(
             sys.executable,
-            [sys.executable, "-I", "-S", "-c", _JANITOR_CODE, "forkref-janitor"],
+            [sys.executable, "-I", "-S", "-c", _JANITOR_CODE, "forkref-janitor", _os.__file__],
             dict(os.environ),
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, read_end, 0),
