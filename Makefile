@@ -1,8 +1,9 @@
 # The two commands of the README's Quickstart:
 #   make demo   builds .venv and runs `forkref bench --quick`: forkref against the stdlib
 #               pools, joblib, mpire (and Ray, when installed) on five workloads, every result checked (1-1.5 min)
-#   make test   builds .venv, runs ruff, mypy --strict, the import-linter layer contracts and
-#               the suite on Python 3.11,
+#   make test   builds .venv, runs ruff, mypy --strict, the import-linter layer contracts,
+#               the docs build (make docs), the package checks (make package) and the suite
+#               on Python 3.11,
 #               then the smoke subset on every other supported Python that is installed;
 #               with CONFORMANCE=1 also `make conformance` (CPython 3.13's pool tests)
 # Both create their own virtualenvs and install what they need; nothing else is required.
@@ -22,7 +23,7 @@ PYTEST_ARGS ?=
 find_python = $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || command -v python$(1) 2>/dev/null)
 MAIN_PYTHON := $(or $(call find_python,$(MAIN_VERSION)),$(shell command -v python3))
 
-.PHONY: demo test lint unit smoke conformance bench clean
+.PHONY: demo test lint docs package unit smoke conformance bench clean
 
 $(VENV)/.stamp-%: pyproject.toml
 	@test -x $(PY) || $(MAIN_PYTHON) -m venv $(VENV)
@@ -43,13 +44,24 @@ demo: $(VENV)/.stamp-demo
 
 # CPython's own pool tests are part of `make test`; CONFORMANCE=0 leaves them out.
 CONFORMANCE ?= 1
-test: lint unit smoke $(if $(filter 1,$(CONFORMANCE)),conformance)
+test: lint docs package unit smoke $(if $(filter 1,$(CONFORMANCE)),conformance)
 
 # The layers of ARCHITECTURE.md are import-linter contracts in pyproject.toml.
 lint: $(VENV)/.stamp-test,lint
 	$(VENV)/bin/ruff check src tests benchmarks conformance
 	$(VENV)/bin/mypy --strict src/forkref
 	$(VENV)/bin/lint-imports --no-cache
+
+# The Sphinx site in docs/_build/html; every warning and unresolved reference fails it.
+# Offline: intersphinx reads the inventories kept in docs/_intersphinx/ (see docs/conf.py).
+docs: $(VENV)/.stamp-docs
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
+
+# The sdist and wheel in dist/, and twine's check that PyPI would render their metadata.
+package: $(VENV)/.stamp-release
+	rm -rf dist build  # a stale build/ would be packed as it is
+	$(PY) -m build -q --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
 
 unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -97,4 +109,4 @@ bench: $(VENV)/.stamp-bench $(VENV)/.stamp-ray
 	$(PY) benchmarks/bench_share_anywhere.py --json benchmarks/results/share_anywhere.json | tee benchmarks/results/share_anywhere.txt
 
 clean:
-	rm -rf .venv .venv-* build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-* build dist docs/_build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

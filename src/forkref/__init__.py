@@ -3,7 +3,8 @@
 ``share(obj)`` returns a handle whose pickled form is a ~160-byte reference;
 unpickled in a forked worker that holds the object (forked after the share,
 or alive when it forked), it is the original object.
-See the README for the full story and the limits.
+The documentation (docs/, built by ``make docs``) has the guide, the limits and the
+API reference.
 """
 
 from forkref._errors import (
@@ -33,6 +34,7 @@ from forkref._pools.explain import Explanation, explain
 from forkref._pools.pool import Pool
 from forkref._share.handle import Shared, share
 from forkref._shm.export import ResultToken, export_result, import_result
+from forkref._version import __version__ as __version__
 
 __all__ = [
     "BrokenPoolError",
@@ -72,5 +74,3 @@ __all__ = [
     "memory_report",
     "share",
 ]
-
-__version__ = "0.1.0"

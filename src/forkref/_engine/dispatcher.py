@@ -54,6 +54,7 @@ from typing import Any, Protocol
 from forkref._engine.model import Completion
 from forkref._engine.wire import OWN_FDS, close_fd
 from forkref._engine.workforce import Workforce
+from forkref._errors import BrokenPoolError, file_limit_text, is_file_limit
 from forkref._fork.safe import DETACHED, mark_dispatcher, wait_os_thread_gone
 from forkref._shm import export as _export
 
@@ -100,7 +101,12 @@ class Dispatcher:
         self._pid = os.getpid()
         self.thread: threading.Thread | None = None
         self.in_callbacks = False  # the owning thread is running on_done callbacks
-        self._wake_r, self._wake_w = os.pipe()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except OSError as err:
+            if is_file_limit(err):
+                raise BrokenPoolError(file_limit_text("create a pool", err)) from err
+            raise
         OWN_FDS.update((self._wake_r, self._wake_w))
         self._woken = False
         self._poller = select.poll()

@@ -31,7 +31,7 @@ from forkref._engine.launcher import MAIN_GUARD_EXIT, main_guard_message
 from forkref._engine.model import Completion, Task
 from forkref._engine.outcomes import Outcomes
 from forkref._engine.state import EngineState
-from forkref._errors import BrokenPoolError, TaskPicklingError
+from forkref._errors import BrokenPoolError, ReleasedError, TaskPicklingError
 from forkref._fork.safe import FORK_LOCK, paused_threads
 from forkref._refs.registry import Reference
 from forkref._share.taskpickle import CALL, FnBlob
@@ -70,7 +70,7 @@ class Submitter:
             if fn_blob is None:
                 try:
                     fn_blob = state.encoder.encode_function(fn)
-                except TaskPicklingError:
+                except (TaskPicklingError, ReleasedError):
                     if not state.started:  # a submit starts the workers, as the stdlib's does
                         self.ensure_generation([])
                     raise
@@ -113,7 +113,7 @@ class Submitter:
             for data, on_done, on_start, offset in chunk:
                 try:
                     encoded = batch.encode(kind, fn, data, offset)
-                except TaskPicklingError as err:
+                except (TaskPicklingError, ReleasedError) as err:
                     if fail_fast:
                         raise
                     on_done(False, err)
@@ -162,13 +162,20 @@ class Submitter:
             # rest of a map would otherwise hold it for up to the switch interval
             # (5 ms), and the workers would wait for their first task as long.
             time.sleep(0)
-        if state.finished.is_set():  # lost the race with the end of the engine
-            with state.lock:
+        # Lost the race with the end of the engine (closed, or broken by a failed
+        # launch)? Read under the lock: the dispatcher checks all_done() and
+        # finishes in one hold of it, so a test outside could fall between the
+        # two and leave these tasks in a finished engine for ever.
+        with state.lock:
+            lost = []
+            if state.finished.is_set():
                 state.scheduler.drain_incoming()
                 lost = [t for t in state.scheduler.queue if t in tasks]
                 for t in lost:
                     state.scheduler.queue.remove(t)
-            self._outcomes.complete([(t, -1, RuntimeError("the pool was closed")) for t in lost])
+        if lost:
+            why = state.broken or RuntimeError("the pool was closed")
+            self._outcomes.complete([(t, -1, why) for t in lost])
 
     def _commit(self) -> None:
         """Mark the executor's call window running now, as the stdlib's submit() does."""

@@ -19,6 +19,7 @@ Non-goals: starting workers ahead of need; the engine decides when to launch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -32,6 +33,7 @@ from forkref._engine.launcher import (
 )
 from forkref._engine.model import Channel, Generation
 from forkref._engine.worker import WorkerSetup, spawned_worker_main
+from forkref._errors import file_limit_text, is_file_limit, near_file_limit
 
 __all__ = ["ProcessChannel", "ProcessLauncher"]
 
@@ -88,7 +90,10 @@ class ProcessLauncher(Launcher):
         """Nothing to fork: workers are started one by one."""
 
     def launch(self, gen: Generation, wid: int) -> Channel:
-        parent_conn, child_conn = self.context.Pipe(duplex=True)
+        try:
+            parent_conn, child_conn = self.context.Pipe(duplex=True)
+        except OSError as err:  # EMFILE: the pool is at the open-file limit
+            raise LaunchError(self._start_failure(err)) from err
         process = self.context.Process(  # type: ignore[attr-defined]
             target=spawned_worker_main,
             args=(child_conn, self.setup),
@@ -97,18 +102,35 @@ class ProcessLauncher(Launcher):
         )
         try:
             process.start()
+            fd = os.dup(parent_conn.fileno())
         except BaseException as err:
             parent_conn.close()
             child_conn.close()
+            if process._popen is not None:  # started, but no descriptor left to reach it
+                process.kill()
+                process.join()
+                _release_process(process)
             raise LaunchError(self._start_failure(err)) from err
         child_conn.close()
-        fd = os.dup(parent_conn.fileno())
         parent_conn.close()
         return ProcessChannel(wid, fd, process)
 
     def _start_failure(self, err: BaseException) -> str:
+        if is_file_limit(err):
+            assert isinstance(err, OSError)
+            what = f"start a pool worker with the {self.start_method!r} start method"
+            return file_limit_text(what, err)
         if self.start_method == "forkserver" and _forkserver_exit() == MAIN_GUARD_EXIT:
             return main_guard_message("forkserver")
+        lost = isinstance(err, (EOFError, ConnectionError))
+        if self.start_method == "forkserver" and lost and near_file_limit():
+            # The forkserver dropped the request or died (its traceback is on stderr).
+            # It has this process's limit, and this process is within a few files of it.
+            step = (
+                "start a pool worker: the 'forkserver' process, which has this process's "
+                "limits, gave up on the request or exited"
+            )
+            return file_limit_text(step, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
         return (
             f"cannot start a worker with the {self.start_method!r} start method: {err!r}. "
             "The initializer and its arguments must be picklable, and the main module "
@@ -120,11 +142,13 @@ class ProcessLauncher(Launcher):
             channel = w.channel
             if isinstance(channel, ProcessChannel):
                 channel.process.join(timeout)
+                _release_process(channel.process)
 
     def retire_channel(self, channel: Channel) -> None:
         """A worker is gone: reap its process (its exit status was read without reaping)."""
         if isinstance(channel, ProcessChannel):
             channel.process.join(0)
+            _release_process(channel.process)
 
     def close(self) -> None:
         # The initializer's arguments may be anything of the caller's (a Queue
@@ -133,6 +157,22 @@ class ProcessLauncher(Launcher):
 
 
 _NO_SETUP = WorkerSetup(None, (), None, "", executor=False)
+
+
+def _release_process(process: Any) -> None:
+    """Close the descriptors of an exited, reaped worker's ``Popen`` now.
+
+    Its sentinel pipe (and, under spawn, the pipe its preparation data went
+    down) would otherwise stay open until the ``Popen`` is collected, and the
+    engine's objects reach it through reference cycles: with the cyclic GC
+    off, or before it runs, every closed pool kept two descriptors per worker.
+    ``Popen.close()`` leaves the Process usable (``exitcode``, ``join()``,
+    ``is_alive()`` read the saved status), unlike ``Process.close()``, which
+    would break code that still holds it from ``_processes``.
+    """
+    popen = process._popen
+    if popen is not None and popen.returncode is not None:
+        popen.close()
 
 
 def _forkserver_exit() -> int | None:

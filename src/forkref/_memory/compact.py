@@ -39,7 +39,9 @@ its copy, so a container holding NaN does not compare equal to its source).
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
+import reprlib
 import sys
 from array import array
 from collections.abc import (
@@ -263,7 +265,13 @@ class CompactList(Sequence[T]):
     __hash__ = None  # type: ignore[assignment]  # equal to a list, so unhashable like one
 
     def __repr__(self) -> str:
-        return f"<forkref.CompactList: {len(self)} items, {self.nbytes} bytes of buffers>"
+        n = len(self)
+        head = ", ".join(reprlib.repr(self[i]) for i in range(min(n, 3)))
+        more = ", ..." if n > 3 else ""
+        return (
+            f"<forkref.CompactList of {n:,} item{'' if n == 1 else 's'} "
+            f"({self.nbytes:,} bytes of buffers): [{head}{more}]>"
+        )
 
     def __copy__(self) -> CompactList[T]:
         return self  # immutable
@@ -466,7 +474,14 @@ class CompactDict(Mapping[K, V]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"<forkref.CompactDict: {len(self)} items, {self.nbytes} bytes of buffers>"
+        n = len(self)
+        first = itertools.islice(self.items(), 3)
+        pairs = [f"{reprlib.repr(k)}: {reprlib.repr(v)}" for k, v in first]
+        more = ", ..." if n > 3 else ""
+        return (
+            f"<forkref.CompactDict of {n:,} item{'' if n == 1 else 's'} "
+            f"({self.nbytes:,} bytes of buffers): {{{', '.join(pairs)}{more}}}>"
+        )
 
     def __copy__(self) -> CompactDict[K, V]:
         return self

@@ -393,7 +393,7 @@ def fetch(ref: Reference, err: NotInheritedError) -> object:
 # -- results -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ResultToken:
     """A big result left in a named segment; pickles to about 150 bytes.
 
@@ -414,6 +414,12 @@ class ResultToken:
     path: str
     size: int
     typename: str
+
+    def __repr__(self) -> str:
+        return (
+            f"<forkref.ResultToken {self.typename}, {self.size / 2**20:,.1f} MiB "
+            f"in {self.path}; forkref.import_result() it>"
+        )
 
     def __reduce__(self) -> tuple[object, ...]:
         _disown(self)

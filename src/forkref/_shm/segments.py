@@ -88,16 +88,27 @@ def segment_dir() -> str:
     return os.environ.get(ENV_DIR) or _DEFAULT_DIR
 
 
-def _fixes(directory: str) -> str:
+def _fixes(directory: str, results: bool) -> str:
+    room = (
+        f"give {directory} more room (Docker: run with a larger --shm-size, e.g. "
+        f"--shm-size=8g), or point the environment variable {ENV_DIR} at a directory with "
+        "room (a tmpfs keeps it in RAM)"
+    )
+    if results:  # results always travel through segments, whatever the start method
+        return (
+            f"Fixes: {room}; or import_result() the results already exported sooner, "
+            "which frees their segments"
+        )
+    # Said for both kinds of pool: the exporting process does not know which
+    # kind of pool the worker that asked for the object belongs to.
     return (
-        f"Fixes: give {directory} more room (Docker: run with a larger --shm-size, "
-        "e.g. --shm-size=8g), use fork-inherited workers (the 'fork' start method or "
-        "forkref.Pool), which need no shared memory, or point the environment variable "
-        f"{ENV_DIR} at a directory with room (a tmpfs keeps it in RAM)"
+        f"Fixes: {room}; or start the workers with the 'fork' method, whose workers inherit "
+        "the object and need no shared memory: forkref.Pool's default (leave out its "
+        "context/mp_context argument), multiprocessing.get_context('fork') for a stdlib pool"
     )
 
 
-def check_space(nbytes: int, what: str) -> None:
+def check_space(nbytes: int, what: str, results: bool = False) -> None:
     """Raise :class:`SharedMemoryFullError` unless ``nbytes`` fit in the segment directory."""
     directory = segment_dir()
     try:
@@ -109,14 +120,16 @@ def check_space(nbytes: int, what: str) -> None:
         ) from err
     available = st.f_bavail * st.f_frsize
     if nbytes > available:
-        raise _full_error(nbytes, available, what, directory)
+        raise _full_error(nbytes, available, what, directory, results)
 
 
-def _full_error(nbytes: int, available: int, what: str, directory: str) -> SharedMemoryFullError:
+def _full_error(
+    nbytes: int, available: int, what: str, directory: str, results: bool = False
+) -> SharedMemoryFullError:
     return SharedMemoryFullError(
         f"cannot write {what} to shared memory: it needs {nbytes} bytes "
         f"({nbytes / 2**20:.1f} MiB) and {directory} has {available} bytes "
-        f"({available / 2**20:.1f} MiB) free. {_fixes(directory)}"
+        f"({available / 2**20:.1f} MiB) free. {_fixes(directory, results)}"
     )
 
 
@@ -137,7 +150,7 @@ def create_anonymous(nbytes: int, what: str) -> int:
 
 def create_named(nbytes: int, what: str) -> tuple[str, int]:
     """Create a named segment of ``nbytes`` (after a space check), janitor-watched."""
-    check_space(nbytes, what)
+    check_space(nbytes, what, results=True)
     directory = segment_dir()
     path, fd = _create_exclusive(directory, RESULT_PREFIX, what)
     try:
