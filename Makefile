@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 find_python = $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || command -v python$(1) 2>/dev/null)
 MAIN_PYTHON := $(or $(call find_python,$(MAIN_VERSION)),$(shell command -v python3))
 
-.PHONY: demo test lint docs package unit smoke conformance bench clean
+.PHONY: demo test lint docs package unit venvs smoke conformance bench clean
 
 $(VENV)/.stamp-%: pyproject.toml
 	@test -x $(PY) || $(MAIN_PYTHON) -m venv $(VENV)
@@ -63,20 +63,30 @@ package: $(VENV)/.stamp-release
 	$(PY) -m build -q --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
-unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray
+unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray venvs
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-smoke:
+# The virtualenvs of the other supported Pythons that are installed: the smoke stage runs
+# in them, and the unit stage's tests/test_fork_warnings.py runs its scenarios in
+# .venv-3.12 and .venv-3.13, so both stages build them first.
+venvs:
 	@for v in $(SMOKE_VERSIONS); do \
 	  py=$$( (ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep .) || command -v python$$v 2>/dev/null || true); \
-	  if [ -z "$$py" ]; then echo "smoke: Python $$v not installed, skipped"; continue; fi; \
+	  if [ -z "$$py" ]; then echo "venvs: Python $$v not installed, skipped"; continue; fi; \
 	  venv=.venv-$$v; \
 	  if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
 	    { $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
 	      $$venv/bin/python -m pip install -q -e '.[test]' && \
-	      { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "smoke: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
+	      { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "venvs: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
 	      touch $$venv/.stamp; } || exit 1; \
 	  fi; \
+	done
+
+smoke: venvs
+	@for v in $(SMOKE_VERSIONS); do \
+	  py=$$( (ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep .) || command -v python$$v 2>/dev/null || true); \
+	  if [ -z "$$py" ]; then echo "smoke: Python $$v not installed, skipped"; continue; fi; \
+	  venv=.venv-$$v; \
 	  echo "smoke: Python $$v ($$py)"; \
 	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
 	done

@@ -5,7 +5,7 @@ that one ``fork()``:
 
 * ``FORK_LOCK`` serializes generation forks of every engine in the process;
 * every forkref dispatcher thread is paused (:func:`paused_threads`), and the
-  shared-memory export thread too (``_export.paused``), so no forkref thread
+  shared-memory export thread too (:func:`forkref._shm.export.paused`), so no forkref thread
   exists in the child and none holds a forkref lock there;
 * ``gc.freeze()`` is on (:func:`frozen_gc`), so the child's collections never
   scan, and so never dirty, the parent's objects;

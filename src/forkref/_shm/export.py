@@ -70,12 +70,14 @@ Results:
     import_result(value) -> object  identity for anything but a ResultToken
     ResultToken, DEFAULT_RESULT_THRESHOLD
 
-Fork safety: the export thread holds no lock across a fork. A fork hook stops
-it (and joins it, waiting for an export in progress) before every
-``os.fork()`` and restarts it in the parent afterwards, so a child never
-inherits a half-finished export and 3.12's "multi-threaded ... fork()"
-DeprecationWarning does not count it. Python 3.13 counts threads after the
-at-fork hooks, so forkref's pools fork inside :func:`paused`. The child
+Fork safety: the export thread holds no lock across a fork, and is not alive
+at any fork. A fork hook stops it (and joins it, waiting for an export in
+progress) before every ``os.fork()``, the stdlib's included, and the parent
+restarts it once ``os.fork()`` has returned (:mod:`forkref._fork.atfork`:
+Python 3.13 counts threads after the at-fork hooks), so a child never
+inherits a half-finished export and the "multi-threaded ... fork()"
+DeprecationWarning of 3.12+ never counts it. forkref's pools fork their
+generations inside :func:`paused`, which keeps it stopped throughout. The child
 starts with no server, not paused, and closes the inherited descriptors. A
 fork from the export thread itself (an exported object whose ``__reduce__``
 forks) leaves the thread running: it is the thread that forks. If the thread
@@ -98,6 +100,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from forkref._errors import NotInheritedError
+from forkref._fork.atfork import after_fork_returns
 from forkref._os import unlink_quietly
 from forkref._refs.registry import Reference, registry
 from forkref._shm import client, segments, serialize
@@ -279,26 +282,33 @@ def _before_fork() -> None:
 def _after_fork_parent() -> None:
     global _fork_lock_owner
     try:
-        # Restarted at once: a worker may be waiting in the socket's backlog.
-        # (3.13 counts threads after this hook, so it may warn about this one;
-        # forkref's own pools fork inside paused() instead.)
+        # Restarted as soon as os.fork() has returned: a worker may be waiting
+        # in the socket's backlog. Not here: Python 3.13 counts the threads
+        # after this hook, and would warn about this one (see forkref._fork.atfork).
         server = _server
         if server is not None and server.wanted and not _paused and server.thread is None:
-            server.start()
+            after_fork_returns(_restart_after_fork)
     finally:
         if _fork_lock_owner == threading.get_ident():
             _fork_lock_owner = 0
             _server_lock.release()
 
 
+def _restart_after_fork() -> None:
+    with _server_lock:
+        server = _server
+        if server is not None and server.wanted and not _paused and not server.running():
+            server.start()
+
+
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
     """Keep the export thread stopped for a block that forks, restart it after.
 
-    For forkref's pools: the at-fork hooks restart the thread inside
-    ``os.fork()``, where Python 3.13 counts it and warns "multi-threaded ...
-    fork() may lead to deadlocks"; forking inside this block does not.
-    Workers asking for an export meanwhile wait, and are served on exit.
+    For forkref's pools, which fork a generation and then set it up: the
+    thread stays stopped from before the fork until the block ends, instead
+    of restarting as soon as ``os.fork()`` returns. Workers asking for an
+    export meanwhile wait, and are served on exit.
     A child forked inside the block starts unpaused.
     """
     global _paused

@@ -12,7 +12,7 @@ Two kinds, chosen so that nothing outlives the processes that could still
 use it:
 
 * **Anonymous** segments (exports of shared objects) are created with
-  ``O_TMPFILE``: they never have a name. The exporter keeps the descriptor
+  ``O_TMPFILE``: they never have a name. The export store keeps the descriptor
   and passes it to workers over a unix socket (``SCM_RIGHTS``). The kernel
   frees the memory when the last descriptor and mapping are gone, whoever
   was killed and however.
@@ -24,7 +24,7 @@ use it:
   inherited by its forked children) unlinks every name whose writer and the
   writer's parent have both died, then exits. Until then a result that is
   never imported stays in the directory, unless the token that names it
-  dies in the process that received it (``_export.ResultToken``).
+  dies in the process that received it (:class:`forkref.ResultToken`).
 
 Before any write, :func:`check_space` compares the size with the free space
 of the directory: tmpfs is only reserved as pages are written, and a mapping
