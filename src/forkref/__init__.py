@@ -22,6 +22,7 @@ from forkref._errors import (
     SharedMemoryError,
     SharedMemoryFullError,
     TaskPicklingError,
+    TaskTimeoutError,
     WorkerDiedError,
 )
 from forkref._fork.hygiene import fork_hygiene
@@ -62,6 +63,7 @@ __all__ = [
     "SharedMemoryError",
     "SharedMemoryFullError",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "WorkerDiedError",
     "compact",
     "compact_dict",
