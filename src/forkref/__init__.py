@@ -25,7 +25,8 @@ from forkref._errors import (
 )
 from forkref._fork.hygiene import fork_hygiene
 from forkref._launchers.ray.launcher import ObjectStoreUse, RayMemoryReport
-from forkref._memory.compact import CompactDict, CompactList, compact, compact_dict
+from forkref._memory.compact import CompactList, compact
+from forkref._memory.compactdict import CompactDict, compact_dict
 from forkref._memory.report import MemoryReport, MemorySampler, ProcessMemory, memory_report
 from forkref._pools.executor import ProcessPoolExecutor
 from forkref._pools.explain import Explanation, explain
