@@ -40,13 +40,17 @@ its copy, so a container holding NaN does not compare equal to its source).
 from __future__ import annotations
 
 import pickle
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, TypeVar, overload
 
+from forkref._memory import handover
 from forkref._memory.columns import build_layout
 from forkref._memory.layout import Layout, from_parts
 
-__all__ = ["CompactList", "compact", "pickled_buffers"]
+__all__ = ["CompactList", "compact", "exported", "pickled_buffers"]
 
 T = TypeVar("T")
 
@@ -190,3 +194,44 @@ def compact(iterable: Iterable[T]) -> CompactList[T]:
         CompactError: an item cannot be pickled.
     """
     return _pack(iterable)
+
+
+# -- to another process: one shared segment (forkref._memory.handover) -----------
+
+_export_lock = threading.Lock()
+
+
+def exported(layout: Layout) -> handover.Segment:
+    """The segment holding ``layout``'s buffers, written (once) and mapped here."""
+    with _export_lock:
+        if layout.segment is None:
+            segment = handover.export(layout.buffers(), "a CompactList")
+            # From now on this process reads the segment too: its heap copy is freed.
+            layout.rebind(segment.views)
+            layout.segment = segment
+            segment.built = weakref.ref(layout)
+        return layout.segment  # type: ignore[no-any-return]
+
+
+def _reduce_for_process(c: CompactList[Any]) -> tuple[Any, ...]:
+    """multiprocessing's reducer (ForkingPickler): a reference to a shared segment."""
+    if c._layout.nbytes < handover.INLINE_BELOW and c._layout.segment is None:
+        return c.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+    segment = exported(c._layout)
+    return (_attach_list, (segment.ref, c._layout.spec(), c._range))
+
+
+def _attach_list(ref: tuple[Any, ...], spec: Any, rng: range) -> CompactList[Any]:
+    """Unpickling hook in the receiving process: map the segment (once), read from it."""
+    segment = handover.attach(ref, "a CompactList")
+    layout = segment.built() if segment.built is not None else None
+    if layout is None:
+        layout = from_parts(spec, segment.views)
+        layout.segment = segment
+        segment.built = weakref.ref(layout)
+    return CompactList._from_layout(layout, rng)
+
+
+# Only multiprocessing's pickler (and forkref's task pickler, which borrows this
+# entry) uses it: plain pickle.dumps still carries the buffers, for storage.
+ForkingPickler.register(CompactList, _reduce_for_process)

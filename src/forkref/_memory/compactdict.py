@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import pickle
 import sys
+import threading
 from array import array
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, TypeVar
 
 from forkref._errors import CompactError
+from forkref._memory import handover
 from forkref._memory.columns import build_layout, pickle_column
 from forkref._memory.compact import CompactList, pickled_buffers
 
@@ -106,6 +109,7 @@ class CompactDict(Mapping[K, V]):
         "_hashes",
         "_keys",
         "_local_index",
+        "_segment",
         "_table",
         "_values",
     )
@@ -123,6 +127,7 @@ class CompactDict(Mapping[K, V]):
         self._keys, self._values = built._keys, built._values
         self._hashes, self._table = built._hashes, built._table
         self._hash_probe, self._local_index = built._hash_probe, None
+        self._segment: handover.Segment | None = None
 
     @classmethod
     def _from_parts(
@@ -136,6 +141,7 @@ class CompactDict(Mapping[K, V]):
         self: CompactDict[Any, Any] = cls.__new__(cls)
         self._keys, self._values, self._hashes, self._table = keys, values, hashes, table
         self._hash_probe, self._local_index = hash_probe, None
+        self._segment = None
         return self
 
     @property
@@ -385,3 +391,40 @@ def compact_dict(mapping_or_items: Mapping[K, V] | Iterable[tuple[K, V]]) -> Com
             or an item is not a pair.
     """
     return _pack_dict(mapping_or_items)
+
+
+# -- to another process: keys and values as compact lists, the index in a segment --
+
+_export_lock = threading.Lock()
+
+
+def _reduce_for_process(d: CompactDict[Any, Any]) -> tuple[Any, ...]:
+    """multiprocessing's reducer: the keys and values lists travel by their own
+    reducer (the same pickler), the hash index as a reference to a segment."""
+    if d._hashes.nbytes + d._table.nbytes < handover.INLINE_BELOW and d._segment is None:
+        return d.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+    with _export_lock:
+        if d._segment is None:
+            segment = handover.export([_raw(d._hashes), _raw(d._table)], "a CompactDict's index")
+            d._hashes, d._table = (view.cast("q") for view in segment.views)
+            d._segment = segment
+    args = (d._keys, d._values, d._segment.ref, d._hash_probe)
+    return (_attach_dict, args)
+
+
+def _raw(view: memoryview) -> memoryview:
+    return view.cast("B")
+
+
+def _attach_dict(
+    keys: CompactList[Any], values: CompactList[Any], ref: tuple[Any, ...], hash_probe: int
+) -> CompactDict[Any, Any]:
+    """Unpickling hook in the receiving process: the index is read from the segment."""
+    segment = handover.attach(ref, "a CompactDict's index")
+    hashes, table = (view.cast("q") for view in segment.views)
+    d = CompactDict._from_parts(keys, values, hashes, table, hash_probe)
+    d._segment = segment
+    return d
+
+
+ForkingPickler.register(CompactDict, _reduce_for_process)
