@@ -227,7 +227,8 @@ def _reader(shape: str, keys: tuple[Any, ...], getters: list[Any]) -> Callable[[
     else:
         body = "(" + "".join(f"{cell}, " for cell in cells) + ")"
     exec(f"def read(i):\n    return {body}\n", names)
-    return names["read"]  # type: ignore[no-any-return]
+    # Out of its own globals: no reference cycle, so its buffers go with the layout.
+    return names.pop("read")  # type: ignore[no-any-return]
 
 
 def from_parts(spec: Any, buffers: Sequence[Any]) -> Layout:
