@@ -25,6 +25,7 @@ from forkref._errors import (
 )
 from forkref._fork.hygiene import fork_hygiene
 from forkref._launchers.ray.launcher import ObjectStoreUse, RayMemoryReport
+from forkref._memory.attrs import compact_attrs
 from forkref._memory.compact import CompactList, compact
 from forkref._memory.compactdict import CompactDict, compact_dict
 from forkref._memory.report import MemoryReport, MemorySampler, ProcessMemory, memory_report
@@ -63,6 +64,7 @@ __all__ = [
     "TaskPicklingError",
     "WorkerDiedError",
     "compact",
+    "compact_attrs",
     "compact_dict",
     "explain",
     "export_result",
