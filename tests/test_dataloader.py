@@ -154,7 +154,8 @@ def test_a_worker_over_a_million_dicts_adds_under_10_percent_of_a_list(
     empty = _worker_uss(list(records(10)), method, 1)
     compact = _worker_uss(million["compact"], method, step) - empty
     plain = _worker_uss(million["plain"], method, step) - empty
-    print(f"\n{method}: worker USS above an empty worker: compact {compact / 2**20:.1f} MiB, plain list {plain / 2**20:.1f} MiB")
+    mib = f"compact {compact / 2**20:.1f} MiB, plain list {plain / 2**20:.1f} MiB"
+    print(f"\n{method}: worker USS above an empty worker's: {mib}")
     assert plain > 40 * 2**20, plain  # a list of 1M small dicts costs every worker this
     assert compact < 0.10 * plain, (compact, plain)
 
