@@ -98,7 +98,7 @@ class StoreSampler:
     """Peak object-store use (all nodes) while the block runs, sampled every 20 ms."""
 
     def __init__(self) -> None:
-        from forkref._launchers.ray.launcher import object_store_use
+        from forkref._launchers.ray.memory import object_store_use
 
         self._read = object_store_use
         self.peak = 0

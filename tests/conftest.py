@@ -418,3 +418,16 @@ def small_tmpfs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A 1 MiB tmpfs as the segment directory."""
     with mounted_tmpfs("1m", monkeypatch) as path:
         yield path
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[Any]:
+    """One private local Ray of 2 CPUs for a test module: its pools join it and leave it running.
+
+    For the Ray test modules, which import ``ray_harness`` (before Ray) and its
+    ``no_leftovers``, which spares this instance's processes.
+    """
+    import ray_harness
+
+    with ray_harness.local_ray(num_cpus=2) as context:
+        yield context

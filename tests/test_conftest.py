@@ -40,7 +40,7 @@ def test_workers_see_the_sessions_own_segment_directory(method: str) -> None:
     assert os.path.isdir(directory)
     with mp.get_context(method).Pool(1) as pool:
         assert pool.apply(_segment_dir) == directory
-    script = "from forkref import _shm; print(segments.segment_dir())"
+    script = "from forkref._shm import segments; print(segments.segment_dir())"
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )

@@ -69,16 +69,10 @@ from test_pool import (  # noqa: E402, F401
 )
 
 # Actors start in 1-3 s each on a loaded 2-core machine: generous, never a timing claim.
-pytestmark = pytest.mark.timeout(300)
+# One local Ray for the module: pools join it and leave it running.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("ray_instance")]
 
 MiB = 2**20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance() -> Iterator[Any]:
-    """One local Ray for the module: pools connect to it and leave it running."""
-    with ray_harness.local_ray(num_cpus=2) as context:
-        yield context
 
 
 @pytest.fixture

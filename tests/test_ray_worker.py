@@ -1,8 +1,8 @@
 """The Ray backend's actor side and its channel, on a real local Ray.
 
-Modules forkref._launchers.ray.launcher and forkref._launchers.ray.actor. Tasks are
-pickled by the Ray
-encoder and driven through the channels as the pool engine's dispatcher does
+Modules forkref._launchers.ray (launcher, channel, objects, pickler) and
+forkref._launchers.ray.actor. Tasks are pickled by the Ray encoder and driven
+through the channels as the pool engine's dispatcher does
 (tests/ray_harness.py); the pool-level behaviour is tested with the local
 pools' tests.
 """
@@ -31,12 +31,6 @@ from forkref._launchers.ray.launcher import RayLauncher  # noqa: E402
 from forkref._share.taskpickle import CALL, MAP  # noqa: E402
 
 MiB = 2**20
-
-
-@pytest.fixture(scope="module")
-def ray_instance() -> Iterator[Any]:
-    with ray_harness.local_ray(num_cpus=2) as context:
-        yield context
 
 
 @pytest.fixture

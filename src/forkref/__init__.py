@@ -24,7 +24,7 @@ from forkref._errors import (
     WorkerDiedError,
 )
 from forkref._fork.hygiene import fork_hygiene
-from forkref._launchers.ray.launcher import ObjectStoreUse, RayMemoryReport
+from forkref._launchers.ray.memory import ObjectStoreUse, RayMemoryReport
 from forkref._memory.attrs import compact_attrs
 from forkref._memory.compact import CompactList, compact
 from forkref._memory.compactdict import CompactDict, compact_dict

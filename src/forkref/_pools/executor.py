@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 from forkref._engine.scheduler import Cancelled
 from forkref._errors import BrokenPoolError, TaskPicklingError
 from forkref._pools.base import DEFAULT_THRESHOLD, EngineLifetime, PoolBase
-from forkref._pools.pool import chunked
 from forkref._pools.progress import Progress, ProgressOption, counted
+from forkref._pools.results import chunked
 from forkref._share.taskpickle import CALL, STARMAP
 
 __all__ = ["ProcessPoolExecutor"]

@@ -1,6 +1,6 @@
 """What runs on a Ray worker: the actor behind each worker of a ``backend="ray"`` pool.
 
-How a call flows (the driver side is :mod:`forkref._launchers.ray.launcher`)::
+How a call flows (the driver side is :mod:`forkref._launchers.ray.channel`)::
 
   driver: RayChannel                                Ray actor: RayWorker (this module)
   ------------------                                ----------------------------------
