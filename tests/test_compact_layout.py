@@ -152,3 +152,16 @@ def test_dicts_of_string_keys_to_token_lists() -> None:
     assert d["word999"] == [999, 1000, 1001]
     assert [column.kind for column in d._keys._layout.columns] == ["str"]
     assert [column.kind for column in d._values._layout.columns] == ["ints"]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [[0, 1 << 63]],  # overflows int64 after a first element went in
+        [[1, 2], [3, -(1 << 64)], [4]],
+        [(1.5, 2.5), (3.5, 4)],  # an int among floats
+        [[1, 2], (3, 4)],  # a tuple among lists
+    ],
+)
+def test_token_lists_that_do_not_fit_keep_their_values(items: list[Any]) -> None:
+    _same(items, forkref.compact(items))

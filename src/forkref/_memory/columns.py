@@ -147,9 +147,11 @@ class _Ragged(_Builder):
     def add(self, value: Any, what: str) -> bool:
         if type(value) is not self.container or not _all_of(value, self.element):
             return False
+        size = len(self.values)
         try:
             self.values.extend(value)
-        except OverflowError:
+        except OverflowError:  # an int beyond int64, after the ones before it went in
+            del self.values[size:]
             return False
         self.offsets.append(len(self.values))
         self.count += 1
