@@ -88,10 +88,11 @@ _MISSING: Any = object()
 
 
 class CompactDict(Mapping[K, V]):
-    """A read-only dict whose keys and values live pickled in shared buffers.
+    """A read-only dict whose keys and values live in shared buffers.
 
-    Build it with :func:`forkref.compact_dict`. Lookups hash the key, probe an
-    int64 table and unpickle only the stored keys with the same hash, so no
+    Build it with :func:`forkref.compact_dict`. Keys and values are compact
+    lists (by column where they are regular). Lookups hash the key, probe an
+    int64 table and read only the stored keys with the same hash, so no
     Python object per key exists in shared memory. Iteration follows
     insertion order, like a dict; a key given twice keeps its first position
     and its last value, like a dict. Equality holds with any mapping that has
@@ -100,6 +101,10 @@ class CompactDict(Mapping[K, V]):
     Keys must have value-based equality and hashing (str, bytes, numbers,
     tuples of those, ...): a stored key is a copy, so a key hashed by
     identity can never be found.
+
+    Pickled for another process by multiprocessing or a forkref pool, it
+    travels as references to shared segments; ``pickle.dumps`` carries the
+    bytes.
     """
 
     __module__ = "forkref"
