@@ -144,3 +144,15 @@ def test_forkref_spawn_pool_tasks_carry_a_reference() -> None:
     with forkref.Pool(2, context=mp.get_context("spawn"), share_threshold=None) as pool:
         assert pool.map(_total, [c] * 3) == [_total(c)] * 3
     assert type(c._layout.buffers()[0].obj).__name__ == "mmap"  # went through the segment
+
+
+def test_thousands_of_hand_overs_write_one_segment() -> None:
+    """What every epoch without persistent workers does: pickle the dataset again."""
+    gc.collect()
+    before = _segment_fds()
+    c = forkref.compact(records(20_000))
+    first = bytes(ForkingPickler.dumps(c))
+    for _ in range(3000):
+        assert bytes(ForkingPickler.dumps(c)) == first
+        assert pickle.loads(first)._layout is c._layout
+    assert len(_segment_fds() - before) == 1
