@@ -1,7 +1,9 @@
 # The two commands of the README's Quickstart:
 #   make demo   builds .venv and runs `forkref bench --quick`: forkref against the stdlib
 #               pools, joblib, mpire (and Ray, when installed) on five workloads, every result checked (1-1.5 min)
-#   make test   builds .venv, runs ruff, mypy --strict and the suite on Python 3.11,
+#   make test   builds .venv, runs ruff, mypy --strict, the import-linter layer contracts,
+#               the docs build (make docs), the package checks (make package) and the suite
+#               on Python 3.11,
 #               then the smoke subset on every other supported Python that is installed;
 #               with CONFORMANCE=1 also `make conformance` (CPython 3.13's pool tests)
 # Both create their own virtualenvs and install what they need; nothing else is required.
@@ -21,7 +23,7 @@ PYTEST_ARGS ?=
 find_python = $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || command -v python$(1) 2>/dev/null)
 MAIN_PYTHON := $(or $(call find_python,$(MAIN_VERSION)),$(shell command -v python3))
 
-.PHONY: demo test lint unit smoke conformance bench clean
+.PHONY: demo test lint docs package unit venvs smoke conformance bench clean
 
 $(VENV)/.stamp-%: pyproject.toml
 	@test -x $(PY) || $(MAIN_PYTHON) -m venv $(VENV)
@@ -42,26 +44,49 @@ demo: $(VENV)/.stamp-demo
 
 # CPython's own pool tests are part of `make test`; CONFORMANCE=0 leaves them out.
 CONFORMANCE ?= 1
-test: lint unit smoke $(if $(filter 1,$(CONFORMANCE)),conformance)
+test: lint docs package unit smoke $(if $(filter 1,$(CONFORMANCE)),conformance)
 
+# The layers of ARCHITECTURE.md are import-linter contracts in pyproject.toml.
 lint: $(VENV)/.stamp-test,lint
 	$(VENV)/bin/ruff check src tests benchmarks conformance
 	$(VENV)/bin/mypy --strict src/forkref
+	$(VENV)/bin/lint-imports --no-cache
 
-unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray
+# The Sphinx site in docs/_build/html; every warning and unresolved reference fails it.
+# Offline: intersphinx reads the inventories kept in docs/_intersphinx/ (see docs/conf.py).
+docs: $(VENV)/.stamp-docs
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
+
+# The sdist and wheel in dist/, and twine's check that PyPI would render their metadata.
+package: $(VENV)/.stamp-release
+	rm -rf dist build  # a stale build/ would be packed as it is
+	$(PY) -m build -q --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
+unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray venvs
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-smoke:
+# The virtualenvs of the other supported Pythons that are installed: the smoke stage runs
+# in them, and the unit stage's tests/test_fork_warnings.py runs its scenarios in
+# .venv-3.12 and .venv-3.13, so both stages build them first.
+venvs:
 	@for v in $(SMOKE_VERSIONS); do \
 	  py=$$( (ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep .) || command -v python$$v 2>/dev/null || true); \
-	  if [ -z "$$py" ]; then echo "smoke: Python $$v not installed, skipped"; continue; fi; \
+	  if [ -z "$$py" ]; then echo "venvs: Python $$v not installed, skipped"; continue; fi; \
 	  venv=.venv-$$v; \
 	  if [ ! -f $$venv/.stamp ] || [ pyproject.toml -nt $$venv/.stamp ]; then \
 	    { $$py -m venv $$venv && $$venv/bin/python -m pip install -q --upgrade pip && \
 	      $$venv/bin/python -m pip install -q -e '.[test]' && \
-	      { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "smoke: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
+	      { $$venv/bin/python -m pip install -q -e '.[ray]' || echo "venvs: Ray cannot be installed for Python $$v: its Ray tests skip"; } && \
 	      touch $$venv/.stamp; } || exit 1; \
 	  fi; \
+	done
+
+smoke: venvs
+	@for v in $(SMOKE_VERSIONS); do \
+	  py=$$( (ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep .) || command -v python$$v 2>/dev/null || true); \
+	  if [ -z "$$py" ]; then echo "smoke: Python $$v not installed, skipped"; continue; fi; \
+	  venv=.venv-$$v; \
 	  echo "smoke: Python $$v ($$py)"; \
 	  $$venv/bin/python -m pytest -q -m smoke $(PYTEST_ARGS); \
 	done
@@ -94,4 +119,4 @@ bench: $(VENV)/.stamp-bench $(VENV)/.stamp-ray
 	$(PY) benchmarks/bench_share_anywhere.py --json benchmarks/results/share_anywhere.json | tee benchmarks/results/share_anywhere.txt
 
 clean:
-	rm -rf .venv .venv-* build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-* build dist docs/_build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -244,47 +244,12 @@ def _remove_entries_since(directory: str, before: set[str]) -> list[str]:
 # (a DeprecationWarning; os.fork() swallows it when a filter makes it an
 # error). Caught here with the threads alive at that moment, it fails the
 # test that forked, unless the test is marked forks_with_threads.
-#
-# Known causes left in forkref itself (not in the tests). A test whose forks
-# warn only because of them is xfailed with the cause, until forkref is fixed;
-# test_fork_warnings.py reproduces each on its own.
-@dataclasses.dataclass(frozen=True)
-class _Cause:
-    thread: str  # the forkref thread that was running at the fork
-    since: tuple[int, int]  # the first Python that warns about it
-    forkref_forks: bool  # only at forks made by forkref's own code
-    reason: str
-
-
-KNOWN_CAUSES = (
-    _Cause(
-        "forkref-export",
-        (3, 13),
-        False,
-        "forkref._shm.export._after_fork_parent restarts the export thread inside os.fork(), "
-        "and Python 3.13 counts threads after the at-fork hooks (3.12 before them)",
-    ),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Fork:
     filename: str  # of the code that called fork()
     lineno: int
     threads: tuple[str, ...]  # the other threads when fork() warned
-
-    def causes(self) -> list[_Cause] | None:
-        """The known causes of this warning, or None if a thread has none."""
-        by_forkref = os.path.basename(os.path.dirname(self.filename)) == "forkref"
-        causes = []
-        for thread in self.threads:
-            cause = next((c for c in KNOWN_CAUSES if c.thread == thread), None)
-            if cause is None or sys.version_info < cause.since:
-                return None
-            if cause.forkref_forks and not by_forkref:
-                return None
-            causes.append(cause)
-        return causes
 
     def __str__(self) -> str:
         return f"{self.filename}:{self.lineno} beside {', '.join(self.threads)}"
@@ -334,20 +299,15 @@ def _fork_warnings(item: pytest.Item) -> Iterator[None]:
         yield
 
 
-def _check_forks(item: pytest.Item, phase: str) -> None:
+def _check_forks(item: pytest.Item) -> None:
     forks = item.stash.get(_fork_key, [])
     item.stash[_fork_key] = []
     if not forks or item.get_closest_marker("forks_with_threads") is not None:
         return
-    causes = [f.causes() for f in forks]
-    unknown = [str(f) for f, c in zip(forks, causes, strict=True) if c is None]
-    if unknown:
-        raise MultiThreadedForkError(
-            "forked while other threads ran (Python 3.12+'s multi-threaded fork() warning): "
-            + "; ".join(unknown)
-        )
-    if phase == "call":
-        pytest.xfail("; ".join(sorted({cause.reason for c in causes for cause in c or ()})))
+    raise MultiThreadedForkError(
+        "forked while other threads ran (Python 3.12+'s multi-threaded fork() warning): "
+        + "; ".join(map(str, forks))
+    )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -358,14 +318,14 @@ def pytest_runtest_setup(item: pytest.Item) -> Any:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
-    """Judge the forks of setup and call in the call phase, where an xfail applies."""
+    """Judge the forks of setup and call in the call phase: they fail the test itself."""
     try:
         with _fork_warnings(item):
             result = yield
     except BaseException:
         item.stash[_fork_key] = []  # the test failed already; that failure is the news
         raise
-    _check_forks(item, "call")
+    _check_forks(item)
     return result
 
 
@@ -373,7 +333,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
 def pytest_runtest_teardown(item: pytest.Item) -> Any:
     with _fork_warnings(item):
         result = yield
-    _check_forks(item, "teardown")
+    _check_forks(item)
     return result
 
 

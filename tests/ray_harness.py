@@ -122,6 +122,27 @@ def started(start: Callable[[], Any], stop: Callable[[], None]) -> Iterator[Any]
 
 
 @contextlib.contextmanager
+def private_ray() -> Iterator[str]:
+    """For a test whose pools start forkref's own private Ray: nothing of it outlives the block.
+
+    The block runs in :func:`ray_environment`; on the way out, also after a
+    failure or a timeout (pools the test left open are its own to close,
+    in a ``with`` or an ``ExitStack`` inside this block), Ray is shut down if
+    it is still up and every process that appeared meanwhile is killed.
+    """
+    import ray
+
+    before = _children()
+    with ray_environment() as path:
+        try:
+            yield path
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            kill_trees(_children() - before)
+
+
+@contextlib.contextmanager
 def local_ray(num_cpus: int = 2, **options: Any) -> Iterator[Any]:
     """A private local Ray instance (``ray.init(address="local")``) for the block."""
     import ray
@@ -242,7 +263,7 @@ class ChannelDriver:
     """
 
     def __init__(self, launcher: Any, share_threshold: int | None = 2**20) -> None:
-        from forkref._engine.generations import Generation
+        from forkref._engine.model import Generation
         from forkref._share.autoshare import AutoSharer
 
         self.launcher = launcher
@@ -257,7 +278,7 @@ class ChannelDriver:
         return self.launcher.launch(self.gen, next(self._wids))
 
     def encode(self, kind: int, fn: Any, datas: list[Any]) -> list[Any]:
-        from forkref._engine.scheduler import Task
+        from forkref._engine.model import Task
 
         fn_blob = self.encoder.encode_function(fn)
         tasks = []

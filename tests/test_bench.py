@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from forkref._tools.bench.registry import METHODS, Run, implements, load, method
+from forkref._tools.bench.catalog import load
+from forkref._tools.bench.registry import METHODS, Run, implements, method
 from forkref._tools.cli import main
 
 TINY = [

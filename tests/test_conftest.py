@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from forkref._shm import segments
+from helpers import alive
 
 pytest_plugins = ["pytester"]
 
@@ -109,13 +109,6 @@ def test_their_processes_were_killed():
 '''
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.timeout(180)
 def test_timed_out_and_failed_tests_have_their_processes_killed(
     pytester: pytest.Pytester, tmp_path: Path
@@ -129,7 +122,7 @@ def test_timed_out_and_failed_tests_have_their_processes_killed(
     )  # fmt: skip
     recorded = [json.loads(line) for line in pids.read_text().splitlines()]
     assert [name for name, _ in recorded] == ["timeout", "failure"]
-    assert all(not _alive(pid) for _, family in recorded for pid in family), recorded
+    assert all(not alive(pid) for _, family in recorded for pid in family), recorded
     result.assert_outcomes(failed=2, passed=1, errors=2)
     result.stdout.fnmatch_lines(
         ["*test left processes running (killed now)*", "*Timeout (>3.0s) from pytest-timeout*"]
@@ -180,4 +173,4 @@ def test_an_interrupted_session_kills_its_processes(
         session.send_signal(signal.SIGINT)  # Ctrl-C; also if this test is interrupted itself
         out, _ = session.communicate(timeout=120)
     assert session.returncode == pytest.ExitCode.INTERRUPTED, out
-    assert not _alive(int(pid_file.read_text())), out
+    assert not alive(int(pid_file.read_text())), out

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import forkref
+from helpers import pid_of, sigkill_self
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,14 +34,6 @@ def sleep_and_return(seconds: float, value: Any = None) -> Any:
 
 def raising(msg: str) -> None:
     raise ValueError(msg)
-
-
-def pid_of(_: object = None) -> int:
-    return os.getpid()
-
-
-def sigkill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 _state: list[Any] = []

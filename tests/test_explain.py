@@ -5,16 +5,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import warnings
 
-import numpy as np
-import pandas as pd
 import pytest
 
 import forkref
 from forkref._refs.registry import registry
-
-
-def _frame(nbytes: int) -> pd.DataFrame:
-    return pd.DataFrame({"a": np.arange(nbytes // 8, dtype=np.float64)})
+from helpers import frame
 
 
 def _references_in_task(pool: forkref.Pool, arg: object) -> int:
@@ -26,7 +21,7 @@ def _references_in_task(pool: forkref.Pool, arg: object) -> int:
 
 @pytest.mark.smoke
 def test_big_mutable_argument_is_pickled_and_explain_says_so() -> None:
-    df = _frame(4 * 2**20)
+    df = frame(4 * 2**20)
     why = forkref.explain(df)
     assert why.route == "pickle"
     assert why.per == "task"
@@ -43,7 +38,7 @@ def test_big_mutable_argument_is_pickled_and_explain_says_so() -> None:
 
 
 def test_auto_share_makes_it_a_fork_reference() -> None:
-    df = _frame(4 * 2**20)
+    df = frame(4 * 2**20)
     why = forkref.explain(df, auto_share=True)
     assert why.route == "fork reference"
     assert "snapshot" in why.reason
@@ -82,7 +77,7 @@ def test_small_argument_is_pickled_without_a_fix() -> None:
 
 
 def test_handle_under_spawn_goes_through_shared_memory() -> None:
-    df = _frame(2**20)
+    df = frame(2**20)
     with forkref.share(df) as handle:
         forked = forkref.explain(handle)
         spawned = forkref.explain(handle, context=mp.get_context("spawn"))
@@ -117,7 +112,7 @@ def test_threshold_none_turns_automatic_sharing_off() -> None:
 
 
 def test_text_form_names_route_cost_reason_and_fix() -> None:
-    text = str(forkref.explain(_frame(4 * 2**20)))
+    text = str(forkref.explain(frame(4 * 2**20)))
     assert text.startswith("pandas.DataFrame of about 4.0 MiB: pickle, about ")
     assert "why: " in text
     assert "fix: " in text
@@ -125,7 +120,7 @@ def test_text_form_names_route_cost_reason_and_fix() -> None:
 
 
 def test_explain_registers_nothing_and_warns_nothing() -> None:
-    df = _frame(4 * 2**20)
+    df = frame(4 * 2**20)
     before = registry().last_serial()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -135,7 +130,7 @@ def test_explain_registers_nothing_and_warns_nothing() -> None:
 
 
 def test_the_performance_warning_points_to_explain() -> None:
-    df = _frame(4 * 2**20)
+    df = frame(4 * 2**20)
     with forkref.Pool(1) as pool, pytest.warns(forkref.PerformanceWarning) as caught:
         pool.apply(len, (df,))
     assert "print(forkref.explain(obj))" in str(caught[0].message)

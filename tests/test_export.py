@@ -33,8 +33,9 @@ import forkref
 from conftest import wait_until
 from forkref._share.handle import _resolve
 from forkref._shm import export as _export
+from forkref._shm import protocol, serialize
 from forkref._shm import segments as _shm
-from forkref._shm import serialize
+from helpers import frame
 from procmaps import mapping_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,12 +96,6 @@ def worker_anon(arr: np.ndarray) -> tuple[int, float, str]:
 # -- helpers -------------------------------------------------------------------
 
 
-def _frame(rows: int = 100_000) -> pd.DataFrame:
-    return pd.DataFrame(
-        {"f": np.arange(rows, dtype=np.float64), "s": [str(i) for i in range(rows)]}
-    )
-
-
 def _in_segment(mapping: str) -> bool:
     # An O_TMPFILE segment shows as "/dev/shm/#<inode> (deleted)".
     return mapping.startswith(_shm.segment_dir().rstrip("/") + "/")
@@ -124,7 +119,7 @@ class Forged:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_share_resolves_in_every_start_method(kind: str, method: str) -> None:
-    df, arr = _frame(), np.arange(300_000, dtype=np.float64)
+    df, arr = frame(8 * 100_000, "f", strings=True), np.arange(300_000, dtype=np.float64)
     handles = [forkref.share(df), forkref.share(arr)]
     before = _export.stats().exports
     with stdlib_pool(kind, method) as run:
@@ -352,11 +347,11 @@ def test_plain_python_object_is_rebuilt_once_per_worker(method: str) -> None:
 _SHARER = """
 import json, pickle, sys
 import forkref
-from forkref._shm import export as _export
+from forkref._shm import protocol
 h = forkref.share({"payload": list(range(10))})
 data = pickle.dumps(h)
 print(json.dumps({"handle": data.hex(),
-                  "address": _export._address(h.ref.tree, h.ref.origin_pid).encode().hex()}))
+                  "address": protocol.address(h.ref.tree, h.ref.origin_pid).encode().hex()}))
 """
 
 _WORKER = """
@@ -477,7 +472,7 @@ print(json.dumps({"reply": data.decode(), "fds": len(fds)}))
 
 
 def _request_line(ref: Any) -> str:
-    from forkref._shm.server import request_line
+    from forkref._shm.protocol import request_line
 
     return request_line(ref).decode().rstrip("\n")
 
@@ -486,7 +481,7 @@ def test_sharing_process_refuses_another_users_request() -> None:
     command, user = _squatter_command(as_other_user=True)
     handle = forkref.share(np.arange(1000.0))
     pickle.dumps(handle)  # serving now
-    address = _export._address(handle.ref.tree, handle.ref.origin_pid).encode().hex()
+    address = protocol.address(handle.ref.tree, handle.ref.origin_pid).encode().hex()
     before = _export.stats()
     done = subprocess.run(
         [command[0], "-c", _NOBODY_CLIENT, address, _request_line(handle.ref)],
@@ -617,10 +612,10 @@ def test_fork_holds_the_server_lock_from_before_to_after() -> None:
 
 _REQUEST_CLIENT = """
 import json, os, sys
-from forkref._shm import server as _exporter
+from forkref._shm import protocol
 from forkref._shm import client
 f = json.loads(sys.argv[1])
-ref = _exporter.parse_request(sys.argv[1].encode())
+ref = protocol.parse_request(sys.argv[1].encode())
 results = []
 for _ in range(int(sys.argv[2])):
     link = client._Link()
@@ -664,7 +659,7 @@ def test_malformed_replies_close_the_descriptors_they_carry() -> None:
     ref = Reference(os.urandom(8), bytes(16), os.getpid(), "builtins.dict", bytes(16))
     replies = [b"not json\n", b'{"nosize": 1}\n', b'["a list"]\n', b'{"size": 1}']
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-        srv.bind(_export._address(ref.tree, ref.origin_pid))
+        srv.bind(protocol.address(ref.tree, ref.origin_pid))
         srv.listen(4)
         srv.settimeout(60)
 

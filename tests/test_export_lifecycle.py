@@ -28,6 +28,8 @@ import pytest
 import forkref
 from conftest import mounted_tmpfs, wait_until
 from forkref._shm import export as _export
+from forkref._shm import protocol
+from helpers import total
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,10 +97,6 @@ def between_tasks() -> dict[str, Any]:
         "intact": bool(held is not None and float(held.sum()) == float(held.size)),
         "fds": len(os.listdir("/proc/self/fd")),
     }
-
-
-def total(obj: Any) -> float:
-    return float(np.asarray(obj).sum())
 
 
 # -- export once per object ---------------------------------------------------------------
@@ -199,7 +197,7 @@ def test_idle_connections_do_not_delay_another_workers_fetch() -> None:
     arr = np.arange(1000.0)
     handle = forkref.share(arr)
     pickle.dumps(handle)  # serving now
-    address = _export._address(handle.ref.tree, handle.ref.origin_pid)
+    address = protocol.address(handle.ref.tree, handle.ref.origin_pid)
     idle = []
     for i in range(12):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

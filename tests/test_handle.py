@@ -17,6 +17,7 @@ import pytest
 import forkref
 from forkref import NotInheritedError, ReleasedError, share
 from forkref._refs.registry import registry
+from helpers import read_n
 
 FORK = mp.get_context("fork")
 
@@ -67,10 +68,6 @@ def same_in_one_task(a: Any, b: Any) -> bool:
 
 def pid_and_id(obj: Any) -> tuple[int, int]:
     return os.getpid(), id(obj)
-
-
-def read_n(obj: Any) -> int:
-    return int(obj.n)
 
 
 def load_and_read(data: bytes) -> int:

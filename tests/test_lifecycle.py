@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import alive
+
 pytestmark = pytest.mark.timeout(120)
 
 METHODS = ["fork", "forkserver", "spawn"]
@@ -126,7 +128,7 @@ def _still_running(pids: list[int], seconds: float) -> list[int]:
     left = pids
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [p for p in left if _alive(p)]
+        left = [p for p in left if alive(p)]
     for pid in left:  # clean up what the assertion will report
         os.kill(pid, signal.SIGKILL)
     return left
@@ -148,8 +150,3 @@ def _session_left(sid: int, seconds: float) -> list[str]:
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

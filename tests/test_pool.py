@@ -29,6 +29,7 @@ import pytest
 
 import forkref
 from forkref._refs.registry import registry
+from helpers import pid_of, sigkill_self
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,14 +45,6 @@ def mul(x: int, y: int) -> int:
 
 def raising(x: int = 0) -> int:
     raise KeyError(f"key {x}")
-
-
-def pid_of(_: object = None) -> int:
-    return os.getpid()
-
-
-def sigkill_self(_: object = None) -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def exit_now(code: int) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 import forkref
 from forkref._shm import export as _export
+from helpers import read_n, total
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,14 +28,6 @@ class BigObject:
 
     def __reduce__(self) -> Any:
         raise AssertionError("a BigObject was pickled")
-
-
-def read_n(obj: BigObject) -> int:
-    return obj.n
-
-
-def total(arr: np.ndarray) -> float:
-    return float(arr.sum())
 
 
 def cached_now() -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import forkref
+from helpers import total
 
 np = pytest.importorskip("numpy")
 
@@ -50,10 +51,6 @@ def test_executor_resolves_handles_under_every_start_method(method: str) -> None
         sums = [ex.submit(checksum_and_pid, handle).result(timeout=60)[0]]
         sums += [r[0] for r in ex.map(checksum_and_pid, [handle] * 4, timeout=60)]
     assert set(sums) == {float(arr.sum())}
-
-
-def total(arr: Any) -> float:
-    return float(arr.sum())
 
 
 @pytest.mark.timeout(120)

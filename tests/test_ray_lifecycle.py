@@ -1,8 +1,9 @@
 """How a ``backend="ray"`` pool finds, starts and leaves Ray.
 
 * Ray missing: an error that gives the install command (runs without Ray).
-* No address and no Ray in this process: the pool starts a local Ray sized
-  to ``processes`` and shuts it down when it closes, leaving no process.
+* No address and no Ray in this process: the pool starts a private local Ray
+  sized to the machine, in its constructor, and shuts it down when it closes,
+  leaving no process (tests/test_ray_coexist.py: several pools share it).
 * An address: the pool connects, and at close disconnects and leaves the
   cluster running.
 """
@@ -35,15 +36,23 @@ def cpus_of_the_cluster(_: object = None) -> float:
     return float(ray.cluster_resources()["CPU"])
 
 
+def machine_cpus() -> float:
+    """The CPUs a bare ``ray.init()`` gives a local Ray here (cgroup limits included)."""
+    from ray._private import utils
+
+    return float(utils.get_num_cpus())
+
+
 @pytest.mark.smoke
-def test_no_address_starts_a_local_ray_sized_to_the_pool_and_stops_it() -> None:
+def test_no_address_starts_a_private_ray_sized_to_the_machine_and_stops_it() -> None:
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'forkref[ray]'")
     assert not ray.is_initialized()
-    with ray_harness.ray_environment():
+    cpus = machine_cpus()
+    with ray_harness.private_ray():
         with forkref.Pool(3, backend="ray") as pool:
-            assert pool.map(cpus_of_the_cluster, range(3)) == [3.0] * 3
-            assert ray.is_initialized()
+            assert ray.is_initialized(), "Ray starts in the constructor, not at the first map"
             assert ray_harness.ray_processes_alive()
+            assert pool.map(cpus_of_the_cluster, range(3)) == [cpus] * 3
         assert not ray.is_initialized(), "the pool started Ray: it shuts it down"
         assert ray_harness.ray_processes_alive() == []
 

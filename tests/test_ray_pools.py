@@ -278,8 +278,11 @@ def test_context_does_not_apply() -> None:
 
 
 def test_a_cluster_with_fewer_cpus_than_workers_is_refused_clearly() -> None:
-    with (
-        forkref.Pool(3, backend="ray") as p,  # the module's Ray has 2 CPUs
-        pytest.raises(forkref.Error, match=r"has 2 CPUs .* 3 workers needs 3"),
-    ):
-        p.apply(sqr, (2,))
+    import ray
+
+    # The module's Ray has 2 CPUs: said by the constructor, before any task waits.
+    with pytest.raises(forkref.Error, match=r"has 2 CPUs .* 3 workers needs 3"):
+        forkref.Pool(3, backend="ray")
+    assert ray.is_initialized(), "a Ray the pool did not start is left running"
+    with forkref.Pool(2, backend="ray") as p:  # and the refused pool holds no CPU
+        assert p.map(sqr, [1, 2]) == [1, 4]

@@ -22,6 +22,7 @@ import pytest
 import forkref
 from forkref import share
 from forkref._shm import export
+from helpers import read_n
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,10 +109,6 @@ class WideUnpicklable(Wide):
 
     def __reduce__(self) -> Any:
         raise AssertionError("a WideUnpicklable was pickled")
-
-
-def read_n(obj: Any) -> int:
-    return int(obj.n)
 
 
 def late_objects(kind: type) -> tuple[str, object]:

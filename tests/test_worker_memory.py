@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 import forkref
+from helpers import frame
 
 pd = pytest.importorskip("pandas")
 np = pytest.importorskip("numpy")
@@ -21,15 +22,9 @@ def column_sums_and_uss(df: Any) -> tuple[float, int]:
     return total, psutil.Process().memory_full_info().uss
 
 
-def _frame() -> Any:
-    rows = SIZE // (8 * 4)
-    rng = np.random.default_rng(0)
-    return pd.DataFrame(rng.random((rows, 4)), columns=list("abcd"))
-
-
 @pytest.mark.timeout(180)
 def test_worker_uss_is_a_small_fraction_of_a_shared_frame() -> None:
-    df = _frame()
+    df = frame(SIZE, "abcd")
     expected = float(df.sum().sum())
     handle = forkref.share(df)
     with forkref.fork_hygiene(), mp.get_context("fork").Pool(2) as pool:
@@ -42,7 +37,7 @@ def test_worker_uss_is_a_small_fraction_of_a_shared_frame() -> None:
 @pytest.mark.timeout(180)
 def test_the_same_frame_passed_plainly_is_copied_into_each_worker() -> None:
     """The control: without share() the worker holds a private copy, so the bound above can fail."""
-    df = _frame()
+    df = frame(SIZE, "abcd")
     with mp.get_context("fork").Pool(1) as pool:
         _, uss = pool.apply(column_sums_and_uss, (df,))
     assert uss > 0.9 * SIZE

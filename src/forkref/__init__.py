@@ -3,7 +3,8 @@
 ``share(obj)`` returns a handle whose pickled form is a ~160-byte reference;
 unpickled in a forked worker that holds the object (forked after the share,
 or alive when it forked), it is the original object.
-See the README for the full story and the limits.
+The documentation (docs/, built by ``make docs``) has the guide, the limits and the
+API reference.
 """
 
 from forkref._errors import (
@@ -34,6 +35,7 @@ from forkref._pools.explain import Explanation, explain
 from forkref._pools.pool import Pool
 from forkref._share.handle import Shared, share
 from forkref._shm.export import ResultToken, export_result, import_result
+from forkref._version import __version__ as __version__
 
 __all__ = [
     "BrokenPoolError",
@@ -73,11 +75,3 @@ __all__ = [
     "memory_report",
     "share",
 ]
-
-__version__ = "0.1.0"
-
-# Public classes say they live in ``forkref``: stable import paths for
-# pickling (a worker re-raising an error unpickles it by this path) and docs.
-for _cls in (Error, NotInheritedError, PerformanceWarning, ReleasedError):
-    _cls.__module__ = "forkref"
-del _cls

@@ -25,7 +25,9 @@ Hierarchy::
      └── ForkWarning                    a pool forks while other threads run
 
 Every exception here is picklable with its message intact: it may be raised in
-a worker and re-raised in the parent.
+a worker and re-raised in the parent. Each says ``__module__ = "forkref"`` in
+its class body (as every public class of forkref does): it is pickled, and
+documented, by that stable path rather than by this private module's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = ["Error", "NotInheritedError", "PerformanceWarning", "ReleasedError"]
 
 class Error(Exception):
     """Base class of every exception raised by forkref."""
+
+    __module__ = "forkref"
 
 
 class NotInheritedError(Error):
@@ -49,9 +53,13 @@ class NotInheritedError(Error):
     says which case it is, why shared memory could not stand in, and what to do.
     """
 
+    __module__ = "forkref"
+
 
 class ReleasedError(Error):
     """A :class:`forkref.Shared` handle was used after ``release()``."""
+
+    __module__ = "forkref"
 
 
 class PerformanceWarning(UserWarning):
@@ -60,6 +68,8 @@ class PerformanceWarning(UserWarning):
     The message names the argument, its estimated size and the fix
     (``forkref.share(...)`` or ``auto_share=True``).
     """
+
+    __module__ = "forkref"
 
 
 # -- shared-memory transport (issue 4) ---------------------------------------
@@ -251,3 +261,70 @@ class ForkError(Error):
     """
 
     __module__ = "forkref"
+
+
+# -- the open-file limit -------------------------------------------------------
+#
+# A pool needs a few descriptors per worker (its socket, the process sentinel).
+# At the limit, the OSError surfaces wherever the next descriptor is asked for:
+# these say so, with the limits and the fix, wherever that is.
+
+import errno as _errno  # noqa: E402
+import os as _os  # noqa: E402
+import resource as _resource  # noqa: E402  (up front: at the limit an import cannot open its file)
+
+
+def is_file_limit(err: BaseException) -> bool:
+    """Whether ``err`` is EMFILE (this process's limit) or ENFILE (the system's)."""
+    return isinstance(err, OSError) and err.errno in (_errno.EMFILE, _errno.ENFILE)
+
+
+def near_file_limit(margin: int = 16) -> bool:
+    """Whether this process has fewer than ``margin`` descriptors left under its soft limit."""
+    soft = _resource.getrlimit(_resource.RLIMIT_NOFILE)[0]
+    try:
+        count = len(_os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        return True  # not even one for the listing
+    return soft != _resource.RLIM_INFINITY and soft - count < margin
+
+
+def file_limit_text(step: str, err: OSError) -> str:
+    """Why ``step`` failed with EMFILE/ENFILE, this process's limits, and how to raise them."""
+    soft, hard = _resource.getrlimit(_resource.RLIMIT_NOFILE)
+    try:
+        count = f"{len(_os.listdir('/proc/self/fd')) - 1} open now, "  # less the listing's own
+    except OSError:  # listing needs a descriptor too
+        count = ""
+    if err.errno == _errno.ENFILE:
+        cause = "the system's table of open files is full (ENFILE; sysctl fs.file-max)"
+    else:
+        cause = "this process has reached its limit of open files (EMFILE)"
+    limits = f"RLIMIT_NOFILE soft limit {_limit(soft)}, hard limit {_limit(hard)}"
+    if err.errno == _errno.ENFILE:
+        raise_it = "Raise the system's limit (sysctl -w fs.file-max=...) as root"
+    elif soft == hard:
+        raise_it = (
+            "The soft limit is the hard one: only root can raise it (ulimit -Hn, "
+            "/etc/security/limits.conf, or the container's --ulimit nofile=...)"
+        )
+    else:
+        raise_it = (
+            f"Raise it: ulimit -n {_suggested(soft, hard)} in the shell that starts Python, "
+            "or resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard)) at the start of the program"
+        )
+    return (
+        f"cannot {step}: {cause}; {count}{limits}. {raise_it}; and close the pools you no "
+        "longer use (a with-block, close() and join(), or shutdown())"
+    )
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == _resource.RLIM_INFINITY else str(value)
+
+
+def _suggested(soft: int, hard: int) -> str:
+    wanted = max(4096, 4 * soft)
+    if hard != _resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    return str(wanted)

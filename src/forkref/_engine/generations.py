@@ -35,22 +35,18 @@ of the user's; it only chooses between two correct routes.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
 
 from forkref._engine.launcher import Launcher
+from forkref._engine.model import Generation
 from forkref._errors import NotInheritedError
 from forkref._refs import forkrecord
 from forkref._refs.registry import Reference, registry
 from forkref._share.autoshare import estimate_size
 from forkref._shm import export as _export
 
-if TYPE_CHECKING:
-    from forkref._engine.scheduler import Worker
-
 __all__ = [
     "EXPORT_SECONDS_PER_BYTE",
     "FORK_SECONDS_PER_BYTE",
-    "Generation",
     "Generations",
     "Route",
     "exports_cleanly",
@@ -125,20 +121,6 @@ def _own_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-class Generation:
-    """One generation: its number, the registry serial it started at, its workers."""
-
-    __slots__ = ("fork_seq", "number", "retiring", "serial", "server", "workers")
-
-    def __init__(self, number: int, serial: int) -> None:
-        self.number = number
-        self.serial = serial
-        self.fork_seq = 0  # forkrecord.last_fork() right after its fork (0: none)
-        self.workers: list[Worker] = []
-        self.retiring = False
-        self.server: Any = None  # the launcher's record of its fork server, if any
-
-
 class Generations:
     """The engine's generations: which one is current, starting, retiring, reaping.
 
@@ -192,7 +174,7 @@ class Generations:
             return
         gen.retiring = True
         for w in gen.workers:
-            stop_worker(w)
+            w.stop()
         self.launcher.retire(gen)
 
     def prune(self) -> None:
@@ -258,9 +240,3 @@ class Generations:
         """Pids of the generations' fork servers."""
         return [pid for g in self.all for pid in self.launcher.server_pids(g)]
 
-
-def stop_worker(w: Worker) -> None:
-    """Ask a worker to exit once it has finished what it holds. Idempotent."""
-    if not w.stopping:
-        w.stopping = True
-        w.channel.stop()

@@ -15,16 +15,22 @@ launchers are interchangeable::
     poll(channel.fd, channel.sentinel, launcher.watched(gen))
       -> launcher.on_readable(gen, key) -> WorkerStarted / WorkerExited / ServerLost
 
-Implementations:
+This module is the interface only: :class:`Launcher`, the
+:class:`~forkref._engine.model.Channel` a worker is reached through (its
+home is :mod:`forkref._engine.model`), :class:`SocketChannel` for local
+workers, and the events a launcher reports. The implementations live
+above the engine, in :mod:`forkref._launchers`, which also picks one per
+pool (:mod:`forkref._launchers.choose`); the engine is handed its launcher
+and never names one:
 
 * ``ZygoteLauncher`` (:mod:`forkref._launchers.zygote`, the ``fork`` start method):
   a fork server per generation forks the workers; they *inherit* the
   parent as it was when the generation forked (``inherits = True``).
-* :class:`ProcessLauncher` (``spawn`` and ``forkserver``): one
-  ``context.Process`` per worker; shared objects reach workers through
-  shared memory (``inherits = False``).
-* A distributed backend is one more launcher whose channels front remote
-  workers.
+* ``ProcessLauncher`` (:mod:`forkref._launchers.process`, ``spawn`` and
+  ``forkserver``): one ``context.Process`` per worker; shared objects reach
+  workers through shared memory (``inherits = False``).
+* ``RayLauncher`` (:mod:`forkref._launchers.ray.launcher`): channels that
+  front Ray actors, possibly on other hosts.
 
 Non-goals: a launcher does not schedule tasks or decide on generations;
 the engine does (:mod:`forkref._engine.scheduler`, :mod:`forkref._engine.generations`).
@@ -38,9 +44,9 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any
 
+from forkref._engine.model import Channel, Generation, Task, exit_text
 from forkref._engine.wire import (
     FN,
     FNID,
@@ -53,11 +59,9 @@ from forkref._engine.wire import (
     send,
     send_buffer,
 )
-from forkref._engine.worker import MAX_FUNCTIONS, WorkerSetup, spawned_worker_main
+from forkref._engine.worker import MAX_FUNCTIONS
 
 if TYPE_CHECKING:
-    from forkref._engine.generations import Generation
-    from forkref._engine.scheduler import Task
     from forkref._memory.report import MemoryReport
     from forkref._share.autoshare import AutoSharer
     from forkref._share.taskpickle import TaskEncoder
@@ -68,7 +72,6 @@ __all__ = [
     "Event",
     "LaunchError",
     "Launcher",
-    "ProcessLauncher",
     "ServerLost",
     "SocketChannel",
     "WorkerExited",
@@ -77,7 +80,7 @@ __all__ = [
 ]
 
 #: Exit status of a spawn/forkserver child that tried to use a pool while it was
-#: still importing the parent's main module (see forkref._engine.engine.check_main_guard).
+#: still importing the parent's main module (see forkref._engine.submission.check_main_guard).
 MAIN_GUARD_EXIT = 78
 
 
@@ -110,67 +113,6 @@ Event = WorkerStarted | WorkerExited | ServerLost
 
 class LaunchError(Exception):
     """A worker cannot be started: the engine breaks with this message."""
-
-
-def exit_text(code: int | None) -> str:
-    """``exit code 3``, ``killed by signal SIGKILL`` or ``exit status unknown``."""
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-class Channel(abc.ABC):
-    """One worker as the dispatcher sees it.
-
-    Attributes:
-        wid: the engine's number for the worker.
-        pid: the worker's process id, once known (None for remote workers).
-        fd: readable when replies (or the end) arrive; None once closed.
-        sentinel: readable when the worker has exited, where the launcher
-            has such a descriptor; then :meth:`exit_status` tells how.
-        prefetch_max: bytes of tasks that may wait behind the running one
-            without blocking :meth:`send`.
-    """
-
-    wid: int
-    pid: int | None
-    fd: int | None
-    sentinel: int | None = None
-    prefetch_max: int = 1 << 16
-
-    @abc.abstractmethod
-    def send(self, task: Task) -> None:
-        """Send one encoded task. Raises OSError when the worker is gone."""
-
-    @abc.abstractmethod
-    def read(self) -> list[bytearray]:
-        """The complete replies readable now. Raises EOFError at the end."""
-
-    @abc.abstractmethod
-    def stop(self) -> None:
-        """Ask the worker to exit once it has finished what it holds."""
-
-    @abc.abstractmethod
-    def kill(self) -> None:
-        """Kill the worker now."""
-
-    def exit_status(self) -> int | None:
-        """The exit status once :attr:`sentinel` is readable (None if unknown)."""
-        return None
-
-    def describe_exit(self, status: int | None) -> str:
-        """How the worker ended, for messages."""
-        return exit_text(status)
-
-    def close(self) -> None:
-        """Close the parent's end. Idempotent."""
-        close_fd(self.fd)
-        self.fd = None
 
 
 class SocketChannel(Channel):
@@ -215,6 +157,10 @@ class SocketChannel(Channel):
         if self.pid is not None:
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        close_fd(self.fd)
+        self.fd = None
 
 
 class Launcher(abc.ABC):
@@ -319,100 +265,6 @@ class Launcher(abc.ABC):
         return None
 
 
-class ProcessChannel(SocketChannel):
-    """A worker that is a ``multiprocessing.Process`` (spawn or forkserver)."""
-
-    def __init__(self, wid: int, fd: int, process: Any) -> None:
-        super().__init__(wid, fd)
-        self.process = process
-        self.pid = process.pid
-        self.sentinel = process.sentinel
-
-    def kill(self) -> None:
-        with contextlib.suppress(Exception):
-            self.process.kill()
-
-    def exit_status(self) -> int | None:
-        # Read without reaping (WNOWAIT): code that holds this Process (the
-        # executor's _processes) may join it at the same moment, and two
-        # threads reaping one child make one of them see it alive after join().
-        known: int | None = self.process._popen.returncode
-        if known is not None:
-            return known
-        try:
-            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            # Not this process's child (a forkserver worker: the server sends its
-            # status down the sentinel, which Process reads), or just reaped.
-            code: int | None = self.process.exitcode
-            return code
-        if info is None:
-            return None
-        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-
-
-class ProcessLauncher(Launcher):
-    """Workers started as ``context.Process`` (``spawn``, ``forkserver``): one generation."""
-
-    name = "process"
-    inherits = False
-
-    def __init__(self, context: BaseContext, setup: WorkerSetup) -> None:
-        self.context = context
-        self.start_method = context.get_start_method()
-        self.setup = setup
-
-    def start_generation(self, gen: Generation) -> None:
-        """Nothing to fork: workers are started one by one."""
-
-    def launch(self, gen: Generation, wid: int) -> Channel:
-        parent_conn, child_conn = self.context.Pipe(duplex=True)
-        process = self.context.Process(  # type: ignore[attr-defined]
-            target=spawned_worker_main,
-            args=(child_conn, self.setup),
-            daemon=True,
-            name=f"forkref-worker-{wid}",
-        )
-        try:
-            process.start()
-        except BaseException as err:
-            parent_conn.close()
-            child_conn.close()
-            raise LaunchError(self._start_failure(err)) from err
-        child_conn.close()
-        fd = os.dup(parent_conn.fileno())
-        parent_conn.close()
-        return ProcessChannel(wid, fd, process)
-
-    def _start_failure(self, err: BaseException) -> str:
-        if self.start_method == "forkserver" and _forkserver_exit() == MAIN_GUARD_EXIT:
-            return main_guard_message("forkserver")
-        return (
-            f"cannot start a worker with the {self.start_method!r} start method: {err!r}. "
-            "The initializer and its arguments must be picklable, and the main module "
-            "importable, without fork"
-        )
-
-    def reap(self, gen: Generation, timeout: float) -> None:
-        for w in gen.workers:
-            channel = w.channel
-            if isinstance(channel, ProcessChannel):
-                channel.process.join(timeout)
-
-    def retire_channel(self, channel: Channel) -> None:
-        """A worker is gone: reap its process (its exit status was read without reaping)."""
-        if isinstance(channel, ProcessChannel):
-            channel.process.join(0)
-
-    def close(self) -> None:
-        # The initializer's arguments may be anything of the caller's (a Queue
-        # whose semaphores the resource tracker counts): not kept past the end.
-        self.setup = _NO_SETUP
-
-
-_NO_SETUP = WorkerSetup(None, (), None, "", executor=False)
-
-
 def main_guard_message(start_method: str) -> str:
     """The error for a pool used while a spawn/forkserver child imports the main module."""
     return (
@@ -421,20 +273,3 @@ def main_guard_message(start_method: str) -> str:
         "time, so each new process would start another pool. Put the code that uses the "
         'pool under if __name__ == "__main__": in the main module'
     )
-
-
-def _forkserver_exit() -> int | None:
-    """Exit status of the stdlib's forkserver process if it has died, else None."""
-    try:
-        from multiprocessing import forkserver
-
-        pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        return None
-    if not pid:
-        return None
-    try:
-        result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except (ChildProcessError, OSError):
-        return None
-    return None if result is None else result.si_status

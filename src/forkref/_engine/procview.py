@@ -22,23 +22,18 @@ import os
 import select
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import ProcessChannel
-
-if TYPE_CHECKING:
-    from forkref._engine.engine import Engine
-    from forkref._engine.scheduler import Worker
+from forkref._engine.model import Worker
+from forkref._os import process_running
 
 __all__ = ["ForkedWorker", "process_view"]
 
 
-def process_view(engine: Engine, worker: Worker) -> Any:
+def process_view(worker: Worker) -> Any:
     """The ``multiprocessing.Process`` of ``worker``, or a :class:`ForkedWorker` view of it."""
-    channel = worker.channel
-    if isinstance(channel, ProcessChannel) and channel.process._start_method != "forkserver":
-        return channel.process
-    return ForkedWorker(worker)
+    process = worker.channel.stdlib_process()
+    return process if process is not None else ForkedWorker(worker)
 
 
 class ForkedWorker:
@@ -61,11 +56,7 @@ class ForkedWorker:
         """Whether the process still runs (a zombie counts as exited)."""
         if self._worker.status is not None:
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-        except OSError:
-            return False
+        return process_running(self.pid)
 
     def terminate(self) -> None:
         """Send SIGTERM."""

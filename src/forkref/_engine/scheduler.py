@@ -21,7 +21,7 @@ therefore holds at most one big pickle per worker being fed, as the stdlib's
 pools do, instead of one per task.
 
 A worker holds at most ``_DEPTH_SLOW`` tasks (``_DEPTH_FAST`` while tasks take
-under ``_FAST_TASK``: then the round trip through the dispatcher would starve
+under ``FAST_TASK``: then the round trip through the dispatcher would starve
 it), and what waits behind its running task must fit in its channel's
 ``prefetch_max`` bytes, so a send never blocks while others have results.
 
@@ -33,111 +33,14 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import Channel
+from forkref._engine.model import FAST_TASK, Cancelled, Completion, Generation, Task, Worker
 from forkref._engine.wire import HDR, INIT_FAILED, READY, RETIRE
 
-if TYPE_CHECKING:
-    from forkref._engine.generations import Generation
-    from forkref._refs.registry import Reference
-    from forkref._share.taskpickle import FnBlob
+__all__ = ["Scheduler"]
 
-__all__ = ["Completion", "Scheduler", "Task", "Worker"]
-
-_DEPTH_SLOW, _DEPTH_FAST = 2, 32  # tasks in flight per worker; fast: service time < _FAST_TASK
-_FAST_TASK = 0.005  # seconds
-
-#: What ends a task: (task, op, body); op is a reply op (OK, ERR) or -1 with body an exception.
-Completion = tuple["Task", int, Any]
-
-
-class Task:
-    """One unit of work: a call, or a chunk of a map."""
-
-    __slots__ = (
-        "data",
-        "fn",
-        "id",
-        "kind",
-        "offset",
-        "on_done",
-        "on_start",
-        "payload",
-        "refs",
-        "sent_at",
-        "size",
-        "started",
-    )
-
-    def __init__(
-        self,
-        task_id: int,
-        kind: int,
-        fn: FnBlob,
-        encoded: tuple[bytes | None, int],
-        *,
-        data: Any,
-        offset: int,
-        on_done: Callable[[bool, Any], None],
-        on_start: Callable[[], bool] | None,
-    ) -> None:
-        self.id = task_id
-        self.kind = kind
-        self.fn = fn
-        self.payload, self.size = encoded
-        # The arguments are kept only while there is no pickle of them to send.
-        self.data = data if self.payload is None else None
-        self.offset = offset
-        self.refs: list[Reference] = []
-        self.on_done = on_done
-        self.on_start = on_start
-        self.started = False
-        self.sent_at = 0.0
-
-
-class Worker:
-    """The dispatcher's record of one worker: its channel and the tasks it holds."""
-
-    __slots__ = (
-        "budget",
-        "channel",
-        "eof_at",
-        "gen",
-        "inflight",
-        "inflight_bytes",
-        "last_done",
-        "ready",
-        "service",
-        "status",
-        "stopping",
-    )
-
-    def __init__(self, channel: Channel, gen: Generation, budget: int | None) -> None:
-        self.channel = channel
-        self.gen = gen
-        self.inflight: collections.deque[Task] = collections.deque()
-        self.inflight_bytes = 0
-        self.budget = budget  # tasks it may still take (maxtasksperchild), None: no limit
-        self.service = _FAST_TASK  # moving average of the task service time, seconds
-        self.last_done = 0.0
-        self.ready = False  # READY received: started, initializer done
-        self.stopping = False
-        self.eof_at: float | None = None  # when its channel reached its end
-        self.status: int | None = None  # exit status, once known
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's pid, once known."""
-        return self.channel.pid
-
-    def live(self) -> bool:
-        """Its channel is open (it may still take tasks unless stopping)."""
-        return self.channel.fd is not None
-
-    def accepting(self) -> bool:
-        """It may be given more tasks."""
-        return self.live() and not self.stopping and self.budget != 0
+_DEPTH_SLOW, _DEPTH_FAST = 2, 32  # tasks in flight per worker; fast: service time < FAST_TASK
 
 
 class Scheduler:
@@ -207,8 +110,8 @@ class Scheduler:
         # One depth for the generation, from its slowest worker: a depth per worker
         # let one that had run a few quick tasks take 32 slow ones while the
         # others idled (a fair share of the queue is what the stdlib gives).
-        slowest = max((w.service for w in gen.workers if w.live()), default=_FAST_TASK)
-        depth = _DEPTH_FAST if slowest < _FAST_TASK else _DEPTH_SLOW
+        slowest = max((w.service for w in gen.workers if w.live()), default=FAST_TASK)
+        depth = _DEPTH_FAST if slowest < FAST_TASK else _DEPTH_SLOW
         if max_depth is not None:
             depth = min(depth, max_depth)
         while self.queue:
@@ -291,6 +194,3 @@ class Scheduler:
         w.inflight_bytes = 0
         return running
 
-
-class Cancelled(Exception):
-    """Passed to ``on_done`` of a task cancelled before any worker took it."""

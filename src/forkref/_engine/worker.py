@@ -51,6 +51,7 @@ from forkref._engine.wire import (
     send,
 )
 from forkref._errors import Error, ResultPicklingError
+from forkref._refs.registry import set_pool_worker
 from forkref._share.taskpickle import CALL, MAP
 from forkref._shm import export
 
@@ -120,6 +121,7 @@ def worker_loop(fd: int, setup: WorkerSetup) -> None:
 
 
 def _initialize(fd: int, setup: WorkerSetup) -> bool:
+    set_pool_worker(setup.start_method)  # errors raised here fit their advice to the pool
     if setup.initializer is None:
         return True
     try:

@@ -5,7 +5,7 @@ that one ``fork()``:
 
 * ``FORK_LOCK`` serializes generation forks of every engine in the process;
 * every forkref dispatcher thread is paused (:func:`paused_threads`), and the
-  shared-memory export thread too (``_export.paused``), so no forkref thread
+  shared-memory export thread too (:func:`forkref._shm.export.paused`), so no forkref thread
   exists in the child and none holds a forkref lock there;
 * ``gc.freeze()`` is on (:func:`frozen_gc`), so the child's collections never
   scan, and so never dirty, the parent's objects;
@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from typing import Any, NoReturn, Protocol
 
 from forkref._errors import ForkError
 from forkref._fork import threads as _threads
+from forkref._os import wait_os_thread_gone  # re-exported: the _engine threads join with it
 
 __all__ = [
     "FORK_LOCK",
@@ -74,8 +74,8 @@ class Pausable(Protocol):
 
 
 _PAUSABLE: weakref.WeakSet[Any] = weakref.WeakSet()
-#: Threads that were detached rather than joined by a pause (see _dispatcher); alive until
-#: they return from user callbacks, so they count as foreign at a fork.
+#: Threads that were detached rather than joined by a pause (see forkref._engine.dispatcher);
+#: alive until they return from user callbacks, so they count as foreign at a fork.
 DETACHED: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 _local = threading.local()
 
@@ -198,22 +198,6 @@ def reset_in_child() -> None:
     FORK_LOCK = threading.RLock()
     _PAUSABLE.clear()
     DETACHED.clear()
-
-
-def wait_os_thread_gone(tid: int | None, limit: float = 1.0) -> None:
-    """Wait (briefly) until a joined thread has left the kernel's thread list too.
-
-    ``join()`` returns when the thread's Python part has finished, an instant
-    before its OS thread exits; a fork in that instant counts it, and Python
-    3.12+ (which reads the count from /proc) warns that the process is
-    multi-threaded.
-    """
-    if tid is None:
-        return
-    path = f"/proc/self/task/{tid}"
-    deadline = time.monotonic() + limit
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.0001)
 
 
 def _native_threads() -> int:

@@ -8,11 +8,11 @@ module judges everyone else's, and is what the engine calls before each fork::
   engine, before os.fork()                  this module
   ------------------------                  -----------
   threads other than forkref's  --------->  threads_to_warn_about(): drop the
-                                            kernel's service threads
+                                            kernel's service threads, tqdm's monitor
                                 <---------  the foreign ones
   warn_foreign_threads(foreign) --------->  one ForkWarning per call site
-  with fork_safe_stdio():                   flushes stdout/stderr, holds the
-      os.fork()                             kernel's stream locks across the fork
+  with fork_safe_stdio():                   holds tqdm's lock, flushes stdout/stderr,
+      os.fork()                             holds the kernel's stream locks
 
 **The service threads of an IPython kernel do not make forkref's forks unsafe**,
 so a notebook user sees no warning for them. ipykernel 7.4 with IPython 9.18
@@ -41,6 +41,11 @@ with them running:
   ``tests/test_notebook.py`` also holds the lock from a thread on purpose: the
   workers hang without forkref's locks and finish with them.
 
+**tqdm's ``tqdm_monitor`` thread** (started by the first bar, alive until
+exit) does not make the forks unsafe either: it sleeps outside tqdm's lock and
+touches bars only under it, and forkref holds that lock across its forks
+(:func:`tqdm_locks`), so no worker inherits it held.
+
 Threads that run user code (the main thread's other threads, ipykernel's
 subshell threads) are foreign and warn. On a free-threaded build (no GIL) the
 kernel's threads warn too: the reasoning above has only been measured with
@@ -67,6 +72,8 @@ __all__ = [
     "kernel_stream_locks",
     "kernel_threads",
     "threads_to_warn_about",
+    "tqdm_locks",
+    "tqdm_monitors",
     "warn_foreign_threads",
 ]
 
@@ -118,11 +125,19 @@ def kernel_threads() -> set[threading.Thread]:
     return found
 
 
+def tqdm_monitors() -> set[threading.Thread]:
+    """tqdm's ``tqdm_monitor`` threads (``tqdm._monitor.TMonitor``); empty without tqdm loaded."""
+    cls = getattr(sys.modules.get("tqdm._monitor"), "TMonitor", None)
+    if not isinstance(cls, type):
+        return set()
+    return {t for t in threading.enumerate() if isinstance(t, cls)}
+
+
 def threads_to_warn_about(threads: Iterable[threading.Thread]) -> list[threading.Thread]:
-    """Those of ``threads`` that make a fork unsafe: all but the kernel's service threads."""
+    """Those of ``threads`` that make a fork unsafe: all but the kernel's and tqdm's monitors."""
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    kernel = kernel_threads() if gil else set()
-    return [t for t in threads if t not in kernel]
+    safe = (kernel_threads() | tqdm_monitors()) if gil else set()
+    return [t for t in threads if t not in safe]
 
 
 def warn_foreign_threads(threads: Sequence[threading.Thread]) -> None:
@@ -162,13 +177,14 @@ def fork_safe_stdio() -> Iterator[None]:
     ``sys.stdout`` and ``sys.stderr`` are flushed first, as multiprocessing
     does before its forks: text still buffered would otherwise be written
     again by every child that flushes (the fork server and each worker).
-    Then :func:`kernel_stream_locks`.
+    Around it all, :func:`tqdm_locks`; inside, :func:`kernel_stream_locks`.
     """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # closed, None (pythonw), or a broken pipe
-            stream.flush()
-    with kernel_stream_locks():
-        yield
+    with tqdm_locks():  # first: tqdm's monitor writes to stderr under it
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed, None (pythonw), or a broken pipe
+                stream.flush()
+        with kernel_stream_locks():
+            yield
 
 
 @contextlib.contextmanager
@@ -197,3 +213,53 @@ def kernel_stream_locks() -> Iterator[None]:
                 with contextlib.suppress(Exception):
                     stream._rotate_buffers()  # the parent's pending text: the parent sends it
             lock.release()
+
+
+@contextlib.contextmanager
+def tqdm_locks() -> Iterator[None]:
+    """Hold tqdm's thread lock across a fork, so no worker inherits it held.
+
+    Every tqdm bar, and the ``tqdm_monitor`` thread tqdm keeps running after
+    the first bar, take it (``tqdm.tqdm.get_lock()``: its ``th_lock``, or a
+    lock set with ``tqdm.set_lock``) to update a bar. A worker that inherited
+    it held would hang at its first bar. Held here, the monitor is asleep
+    (``Event.wait``, outside the lock) or waiting for it, never inside it, so
+    forking beside it is safe and :func:`threads_to_warn_about` does not warn
+    about it. The multiprocessing lock tqdm pairs with it is a semaphore
+    shared with the children: one held in the parent is released there, so it
+    is not taken here. Released in the parent and in the child; nothing
+    happens when tqdm was never imported.
+    """
+    held: list[Any] = []
+    try:
+        for lock in _tqdm_thread_locks():
+            if lock.acquire(timeout=_STREAM_LOCK_TIMEOUT):
+                held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+def _tqdm_thread_locks() -> list[Any]:
+    """tqdm's per-process locks: the default ``th_lock`` and any lock set by ``set_lock``."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return []
+    default = getattr(std, "TqdmDefaultWriteLock", None)
+    classes = [getattr(std, "tqdm", None), *(getattr(t, "tqdm_cls", None) for t in tqdm_monitors())]
+    found: list[Any] = []
+    candidates = [getattr(default, "th_lock", None)]
+    for cls in classes:
+        lock = getattr(cls, "_lock", None)  # set once a bar exists; never created here
+        if default is not None and isinstance(lock, default):
+            candidates += lock.locks  # [mp_lock, th_lock]: the first is left out below
+        else:
+            candidates.append(lock)
+    for lock in candidates:
+        if lock is None or not hasattr(lock, "acquire") or any(lock is f for f in found):
+            continue
+        if type(lock).__module__ == "multiprocessing.synchronize":
+            continue  # shared with the children (tqdm.set_lock(mp.RLock())): see above
+        found.append(lock)
+    return found

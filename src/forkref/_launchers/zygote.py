@@ -32,24 +32,23 @@ import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forkref._engine.launcher import (
-    Channel,
     Event,
     Launcher,
+    LaunchError,
     ServerLost,
     SocketChannel,
     WorkerExited,
     WorkerStarted,
 )
+from forkref._engine.model import Channel, Generation
 from forkref._engine.wire import CTRL_ID, OWN_FDS, close_fd, ctrl_recv, ctrl_send
 from forkref._engine.worker import WorkerSetup, flush_stdio, worker_loop
+from forkref._errors import ForkError, file_limit_text, is_file_limit
 from forkref._fork.safe import fork_child
 from forkref._refs import forkrecord
-
-if TYPE_CHECKING:
-    from forkref._engine.generations import Generation
 
 __all__ = ["ZygoteLauncher", "zygote_main"]
 
@@ -94,7 +93,13 @@ class ZygoteLauncher(Launcher):
         self.setup = setup
 
     def start_generation(self, gen: Generation) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as err:
+            if is_file_limit(err):
+                what = "start a new generation of pool workers (its fork server's socket)"
+                raise ForkError(file_limit_text(what, err)) from err
+            raise
         ctrl, zygote_ctrl = parent_end.detach(), child_end.detach()
         OWN_FDS.add(ctrl)
         try:
@@ -113,7 +118,12 @@ class ZygoteLauncher(Launcher):
         server: _Server = gen.server
         if server.ctrl is None:  # the zygote is gone; never fork from this thread instead
             return None
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as err:
+            if is_file_limit(err):
+                raise LaunchError(file_limit_text("start a pool worker", err)) from err
+            raise
         fd = parent_end.detach()
         try:
             ctrl_send(server.ctrl, b"S" + CTRL_ID.pack(wid, 0), [child_end.fileno()])

@@ -40,6 +40,7 @@ its copy, so a container holding NaN does not compare equal to its source).
 from __future__ import annotations
 
 import pickle
+import reprlib
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -141,7 +142,13 @@ class CompactList(Sequence[T]):
     __hash__ = None  # type: ignore[assignment]  # equal to a list, so unhashable like one
 
     def __repr__(self) -> str:
-        return f"<forkref.CompactList: {len(self)} items, {self.nbytes} bytes of buffers>"
+        n = len(self)
+        head = ", ".join(reprlib.repr(self[i]) for i in range(min(n, 3)))
+        more = ", ..." if n > 3 else ""
+        return (
+            f"<forkref.CompactList of {n:,} item{'' if n == 1 else 's'} "
+            f"({self.nbytes:,} bytes of buffers): [{head}{more}]>"
+        )
 
     def __copy__(self) -> CompactList[T]:
         return self  # immutable

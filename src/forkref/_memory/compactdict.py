@@ -17,7 +17,9 @@ Non-goals: read-only; keys must have value-based equality and hashing.
 
 from __future__ import annotations
 
+import itertools
 import pickle
+import reprlib
 import sys
 import threading
 from array import array
@@ -220,7 +222,14 @@ class CompactDict(Mapping[K, V]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"<forkref.CompactDict: {len(self)} items, {self.nbytes} bytes of buffers>"
+        n = len(self)
+        first = itertools.islice(self.items(), 3)
+        pairs = [f"{reprlib.repr(k)}: {reprlib.repr(v)}" for k, v in first]
+        more = ", ..." if n > 3 else ""
+        return (
+            f"<forkref.CompactDict of {n:,} item{'' if n == 1 else 's'} "
+            f"({self.nbytes:,} bytes of buffers): {{{', '.join(pairs)}{more}}}>"
+        )
 
     def __copy__(self) -> CompactDict[K, V]:
         return self

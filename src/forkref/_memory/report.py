@@ -28,12 +28,14 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import psutil
 
 from forkref._errors import MemoryAccessError, MemoryReportError
-from forkref._fork.safe import register_pausable, wait_os_thread_gone
+from forkref._fork.atfork import pause_at_every_fork
+from forkref._fork.safe import register_pausable
+from forkref._os import wait_os_thread_gone
 
 __all__ = ["MemoryReport", "MemorySampler", "ProcessMemory", "memory_report"]
 
@@ -43,7 +45,11 @@ _MiB = 2**20
 Pids: TypeAlias = Iterable[int] | Mapping[int, str]
 
 
-@dataclass(frozen=True)
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / _MiB:,.1f} MiB"
+
+
+@dataclass(frozen=True, repr=False)
 class ProcessMemory:
     """One process's memory, in bytes, at one moment.
 
@@ -90,8 +96,15 @@ class ProcessMemory:
             swap=max(self.swap, other.swap),
         )
 
+    def __repr__(self) -> str:
+        return (
+            f"<forkref.ProcessMemory pid {self.pid} ({self.role}): uss {_mib(self.uss)}, "
+            f"pss {_mib(self.pss)}, rss {_mib(self.rss)}, shared {_mib(self.shared)}, "
+            f"swap {_mib(self.swap)}>"
+        )
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class MemoryReport:
     """Memory of a set of processes (typically a parent and its workers), in bytes.
 
@@ -136,17 +149,39 @@ class MemoryReport:
         """The records whose role is ``role``, e.g. every ``"worker"``."""
         return tuple(process for process in self.processes if process.role == role)
 
+    def __str__(self) -> str:
+        """The table: ``print(pool.memory())`` shows one line per process."""
+        return self.table()
+
+    def __repr__(self) -> str:
+        processes = len(self.processes)
+        return (
+            f"<forkref.{type(self).__name__} of {processes} process"
+            f"{'' if processes == 1 else 'es'}: total uss {_mib(self.total_uss)}, "
+            f"pss {_mib(self.total_pss)}, rss {_mib(self.total_rss)}"
+            f"{self._repr_extra()}; print() it for the table>"
+        )
+
+    def _repr_extra(self) -> str:
+        return f", {len(self.missing)} exited" if self.missing else ""
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython and Jupyter show the table for a report left at the end of a cell.
+        printer.text(repr(self) if cycle else self.table())
+
     def table(self) -> str:
         """The report as a fixed-width text table in MiB, one line per process."""
-        lines = [f"{'pid':>8} {'role':<10} {'rss':>9} {'uss':>9} {'pss':>9} {'shared':>9}"]
+        width = max([10, *(len(p.role) for p in self.processes)])
+        lines = [f"{'pid':>8} {'role':<{width}} {'rss':>9} {'uss':>9} {'pss':>9} {'shared':>9}"]
         for p in self.processes:
             lines.append(
-                f"{p.pid:>8} {p.role:<10} {p.rss / _MiB:>9.1f} {p.uss / _MiB:>9.1f} "
+                f"{p.pid:>8} {p.role:<{width}} {p.rss / _MiB:>9.1f} {p.uss / _MiB:>9.1f} "
                 f"{p.pss / _MiB:>9.1f} {p.shared / _MiB:>9.1f}"
             )
         lines.append(
-            f"{'total':>8} {'':<10} {self.total_rss / _MiB:>9.1f} {self.total_uss / _MiB:>9.1f} "
-            f"{self.total_pss / _MiB:>9.1f}   (MiB; total rss over-counts shared pages)"
+            f"{'total':>8} {'':<{width}} {self.total_rss / _MiB:>9.1f} "
+            f"{self.total_uss / _MiB:>9.1f} {self.total_pss / _MiB:>9.1f}   "
+            "(MiB; total rss over-counts shared pages)"
         )
         if self.missing:
             lines.append(f"exited before they could be read: {list(self.missing)}")
@@ -304,9 +339,12 @@ class MemorySampler:
             self.sample()
             with self._thread_lock:
                 self._start_thread()
-            # forkref's pools fork their generations with this thread stopped:
-            # a thread running across fork() is what Python 3.12+ warns about.
+            # No fork copies this thread, and none warns because of it (a thread
+            # running across fork() is what Python 3.12+ warns about): forkref's
+            # pools fork their generations with it paused, and every other fork
+            # of this process (a stdlib pool's, say) stops it for the fork too.
             register_pausable(self)
+            pause_at_every_fork(self)
         return self
 
     def _start_thread(self) -> None:
@@ -405,7 +443,7 @@ class MemorySampler:
 
     @property
     def peak_total_pss(self) -> int:
-        """The highest total PSS seen in one sample: the peak real cost of the processes."""
+        """The highest total PSS seen in one sample, the peak real cost of the processes."""
         return self._peak_total_pss
 
     def peaks(self) -> MemoryReport:

@@ -1,8 +1,9 @@
 """What :class:`forkref.Pool` and :class:`forkref.ProcessPoolExecutor` share.
 
 Both are thin layers over one :class:`~forkref._engine.engine.Engine`: argument
-checks, the engine's construction, memory reports, and the private
-attributes that code written for the stdlib pools reaches into.
+checks, the engine's construction with the launcher
+:func:`forkref._launchers.choose.launcher_for` picks, memory reports, and the
+private attributes that code written for the stdlib pools reaches into.
 
 Non-goals: no behaviour of its own; each pool keeps the stdlib's API and
 semantics in its own module.
@@ -16,8 +17,9 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from forkref._engine.engine import Engine
-from forkref._engine.launcher import Launcher
 from forkref._engine.worker import WorkerSetup
+from forkref._fork.safe import default_context
+from forkref._launchers.choose import launcher_for
 from forkref._memory.report import MemoryReport
 from forkref._pools.progress import Progress, ProgressOption, fork_guard
 
@@ -51,22 +53,17 @@ class PoolBase:
             raise TypeError("initializer must be a callable")
         if share_threshold is not None and share_threshold < 0:
             raise ValueError("share_threshold must be a number of bytes >= 0, or None")
-        initargs = tuple(initargs)
+        context = context if context is not None else default_context()
+        # launcher_for sets the start method the workers really use.
+        setup = WorkerSetup(initializer, tuple(initargs), max_tasks, "", executor_semantics)
         self._engine = Engine(
-            processes,
+            launcher_for(backend, processes, context, setup, address),
             context,
-            initializer=initializer,
-            initargs=initargs,
+            processes,
             max_tasks=max_tasks,
             executor_semantics=executor_semantics,
             share_threshold=share_threshold,
             auto_share=auto_share,
-            launcher=_launcher(
-                backend,
-                address,
-                processes,
-                WorkerSetup(initializer, initargs, max_tasks, "ray", executor_semantics),
-            ),
         )
 
     @staticmethod
@@ -138,17 +135,3 @@ class EngineLifetime:
     def close(self) -> None:
         """Nothing to do: the engine closes itself once shut down."""
 
-
-def _launcher(
-    backend: str, address: str | None, processes: int, setup: WorkerSetup
-) -> Launcher | None:
-    """The launcher of a non-local backend; None: the engine picks the local one."""
-    if backend == "local":
-        if address is not None:
-            raise ValueError("address= is for backend='ray'; the local backend runs here")
-        return None
-    if backend != "ray":
-        raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
-    from forkref._launchers.ray.launcher import RayLauncher
-
-    return RayLauncher(processes, setup, address=address)

@@ -33,8 +33,8 @@ from concurrent.futures import Future
 from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
-from forkref._engine.scheduler import Cancelled
-from forkref._errors import BrokenPoolError, TaskPicklingError
+from forkref._engine.model import Cancelled
+from forkref._errors import BrokenPoolError, ReleasedError, TaskPicklingError
 from forkref._pools.base import DEFAULT_THRESHOLD, EngineLifetime, PoolBase
 from forkref._pools.progress import Progress, ProgressOption, counted
 from forkref._pools.results import chunked
@@ -191,7 +191,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             tasks.append((data, on_done, future.set_running_or_notify_cancel, 0))
         try:
             self._engine.submit_many(kind, fn, tasks)
-        except TaskPicklingError as err:  # the function itself: every future carries it
+        except (TaskPicklingError, ReleasedError) as err:  # the function: every future has it
             for future in futures:
                 if not future.done():
                     future.set_exception(err)

@@ -15,13 +15,18 @@ anything:
 Costs are estimates from constants measured on the project's machine (see
 the README), not a measurement on this one; ``forkref bench`` measures.
 
-Non-goals: no advice on the task function, no measurement of pickling.
+A function or class says how it travels: by qualified name (as the stdlib
+does), or, where the stdlib cannot pickle it (lambdas, closures, ``__main__``
+under spawn), by value.
+
+Non-goals: no measurement of pickling.
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
+import types
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 
@@ -35,6 +40,7 @@ from forkref._engine.generations import (
 from forkref._fork.safe import default_context
 from forkref._share.autoshare import estimate_size, is_immutable
 from forkref._share.handle import Shared
+from forkref._share.taskpickle import importable
 
 __all__ = ["FORK_REFERENCE", "PICKLE", "SHARED_MEMORY", "Explanation", "explain"]
 
@@ -51,7 +57,7 @@ _DEFAULT_THRESHOLD = 2**20
 _SCALARS = (int, float, bool, complex, type(None))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Explanation:
     """How one object would reach a ``forkref.Pool``'s workers, and what it costs.
 
@@ -87,6 +93,12 @@ class Explanation:
     late_per: str
     late_reason: str
     fix: str | None
+
+    def __repr__(self) -> str:
+        return (
+            f"<forkref.Explanation {self.what}: {self.route}, {_cost(self.seconds, self.per)}; "
+            "print() it for why and the fix>"
+        )
 
     def __str__(self) -> str:
         parts = [
@@ -152,7 +164,10 @@ def explain(
     size = estimate_size(target)
     cls = type(target)
     what = f"{cls.__module__}.{cls.__qualname__} {_size_words(size)}"
-    if isinstance(obj, Shared):
+    by_code = _function(target, forked) if not isinstance(obj, Shared) else None
+    if by_code is not None:
+        first = by_code
+    elif isinstance(obj, Shared):
         first = _explicit(size, forked, processes)
     else:
         first = _automatic(target, size, forked, share_threshold, auto_share)
@@ -188,6 +203,28 @@ def _explicit(size: int | None, forked: bool, processes: int) -> _Route:
         "for numpy, pandas and arrow buffers)",
         "use the fork start method (forkref.Pool's default) to skip the export",
     )
+
+
+def _function(obj: object, forked: bool) -> _Route | None:
+    """How a function or class travels (by name, or by value where the stdlib cannot), or None."""
+    if not isinstance(obj, (types.FunctionType, type)):
+        return None
+    kind = "class" if isinstance(obj, type) else "function"
+    if importable(obj, forked):
+        return (PICKLE, None, "task", f"a {kind} of an importable module: pickled by its "
+                "qualified name (a few bytes), as the stdlib does", None)
+    if forked:
+        return (PICKLE, None, "task", f"a lambda, closure or local {kind}, which the stdlib "
+                "cannot pickle: forkref sends its code and captured values with the call "
+                "(captured values above share_threshold by reference)", None)
+    if getattr(obj, "__module__", None) == "__main__":
+        return (PICKLE, None, "task", f"a {kind} of __main__ (a notebook, a script, python "
+                "-c), which workers started by spawn or forkserver cannot import: forkref "
+                "sends it by value with cloudpickle, with the globals it uses", None)
+    return (PICKLE, None, "task", f"it cannot be sent: workers started by spawn or "
+            f"forkserver get a {kind} by its qualified name, and this one has none",
+            "define it at module level, or use the fork start method (forkref.Pool's "
+            "default), which sends it by value")
 
 
 def _automatic(

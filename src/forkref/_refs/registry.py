@@ -45,7 +45,14 @@ from typing import Any
 from forkref._errors import NotInheritedError
 from forkref._refs import forkrecord
 
-__all__ = ["Reference", "Registry", "collect_references", "registry"]
+__all__ = [
+    "Reference",
+    "Registry",
+    "collect_references",
+    "pool_worker",
+    "registry",
+    "set_pool_worker",
+]
 
 _KEY_BYTES = 16
 _MAC_BYTES = 16
@@ -283,9 +290,9 @@ class Registry:
     def diagnose(self, ref: Reference) -> tuple[str, str]:
         """Why :meth:`lookup` cannot resolve ``ref`` here, and the fix: two sentences."""
         if self._secret is None:
-            return _WHY_NO_TREE, _FIX_NO_TREE
+            return _WHY_NO_TREE, _fix_no_tree()
         if ref.tree != self._tree:
-            return _WHY_FOREIGN, _FIX_NO_TREE
+            return _WHY_FOREIGN, _fix_no_tree()
         if not self.verify(ref):
             return _WHY_FORGED, _FIX_FORGED
         if ref.origin_pid == os.getpid():  # the sharer itself: only its registry counts
@@ -293,8 +300,8 @@ class Registry:
         if 0 < ref.serial <= self._serial_at_fork:
             return _WHY_RELEASED_BEFORE_FORK, _FIX_RELEASED
         if not ref.weakrefable:
-            return _WHY_LATE_NO_WEAKREF.format(typename=ref.typename), _FIX_LATE_NO_WEAKREF
-        return _WHY_LATE, _FIX_LATE
+            return _WHY_LATE_NO_WEAKREF.format(typename=ref.typename), _fix_late(False)
+        return _WHY_LATE, _fix_late(True)
 
     def forged_here(self, ref: Reference) -> bool:
         """Whether ``ref`` claims this process's tree but fails its MAC (forged, corrupted)."""
@@ -357,6 +364,7 @@ class Registry:
         # the only one left, so a fresh lock is the consistent state.
         self.lock = threading.RLock()
         self._serial_at_fork = self._serial
+        set_pool_worker(None)  # a child is no pool's worker until its worker loop says so
 
 
 # Messages: one sentence per idea; describe() puts them after the subject.
@@ -368,6 +376,14 @@ _FIX_NO_TREE = (
     "Make the object picklable (shared memory carries it to such processes), or start the "
     "workers with the 'fork' method (multiprocessing.get_context('fork')) or use "
     "forkref.Pool: forked workers get it without pickling."
+)
+_FIX_NO_TREE_IN_POOL = (
+    "Make the object picklable (shared memory carries it to this pool's {method} workers), "
+    "or create the pool with the 'fork' start method (forkref's default: leave out its "
+    "context/mp_context argument), whose workers get it without pickling."
+)
+_FIX_NO_TREE_IN_RAY = (
+    "Make the object picklable: Ray workers receive shared objects through its object store."
 )
 _WHY_FOREIGN = (
     "The reference belongs to another process tree: this process was not forked from the "
@@ -402,6 +418,47 @@ _FIX_LATE_NO_WEAKREF = (
     "Share it before the pool starts its workers, put it in an object of your own class "
     "and share that, or use forkref.Pool, which forks fresh workers for late objects."
 )
+# Inside a forkref pool's fork worker, a handle that arrived with the task makes the
+# pool fork fresh workers that hold it: a late object reached this worker another way.
+_FIX_LATE_IN_POOL = (
+    "Pass the handle in the task's arguments (or in the function the pool calls): the pool "
+    "then forks fresh workers that hold the object. A handle that reaches the worker another "
+    "way (a global, a queue, an earlier task's result) gets no such fork."
+)
+_FIX_LATE_NO_WEAKREF_IN_POOL = (
+    "Put it in an object of your own class and share that, then pass the handle in the "
+    "task's arguments: the pool forks fresh workers that hold it."
+)
+
+#: The forkref pool this process works for: its start method ("fork", "spawn",
+#: "forkserver", "ray"), set by forkref's worker loop; None in any other process
+#: (the parent, a stdlib pool's worker). Messages fit their advice to it.
+_pool_worker: str | None = None
+
+
+def set_pool_worker(start_method: str | None) -> None:
+    """Mark this process as a worker of a forkref pool with ``start_method`` (None: not one)."""
+    global _pool_worker
+    _pool_worker = start_method or None
+
+
+def pool_worker() -> str | None:
+    """The start method of the forkref pool this process works for, or None."""
+    return _pool_worker
+
+
+def _fix_no_tree() -> str:
+    if _pool_worker == "ray":
+        return _FIX_NO_TREE_IN_RAY
+    if _pool_worker is not None:
+        return _FIX_NO_TREE_IN_POOL.format(method=repr(_pool_worker))
+    return _FIX_NO_TREE
+
+
+def _fix_late(weakrefable: bool) -> str:
+    if _pool_worker == "fork":
+        return _FIX_LATE_IN_POOL if weakrefable else _FIX_LATE_NO_WEAKREF_IN_POOL
+    return _FIX_LATE if weakrefable else _FIX_LATE_NO_WEAKREF
 
 _registry: Registry | None = None
 _registry_lock = threading.Lock()

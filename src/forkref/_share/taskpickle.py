@@ -70,12 +70,21 @@ from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from forkref._errors import TaskPicklingError
+from forkref._errors import ReleasedError, TaskPicklingError, file_limit_text, is_file_limit
 from forkref._refs.registry import Reference, collect_references
 from forkref._share.autoshare import AutoSharer, ByReference
 from forkref._shm import export as _export
 
-__all__ = ["CALL", "INLINE_LIMIT", "MAP", "STARMAP", "FnBlob", "TaskBatch", "TaskEncoder"]
+__all__ = [
+    "CALL",
+    "INLINE_LIMIT",
+    "MAP",
+    "STARMAP",
+    "FnBlob",
+    "TaskBatch",
+    "TaskEncoder",
+    "importable",
+]
 
 CALL, MAP, STARMAP = 0, 1, 2
 #: Task pickles above this many bytes are made again when a worker is free to take them.
@@ -85,6 +94,17 @@ _FAST: frozenset[type] = frozenset({int, float, bool, complex, type(None)})
 _MAX_DEPTH = 4
 _WALKED: frozenset[type] = frozenset({tuple, list, dict})
 _MAX_WALK = 256  # containers longer than this are judged as a whole, not item by item
+
+
+def importable(obj: Any, forked: bool = True) -> bool:
+    """Whether ``obj`` (a function or class) travels by qualified name, as the stdlib sends it.
+
+    For workers not forked (``forked=False``), a ``__main__`` object does only
+    if they import ``__main__`` too (a script's, not a notebook's or ``-c``'s).
+    """
+    if not forked and getattr(obj, "__module__", None) == "__main__" and not _main_importable():
+        return False
+    return _importable(obj)
 
 
 def _importable(obj: Any) -> bool:
@@ -187,6 +207,7 @@ class TaskEncoder:
 
         Raises:
             TaskPicklingError: the function cannot be pickled; says why and the fix.
+            ReleasedError: it carries a released :class:`forkref.Shared` handle.
         """
         with collect_references() as refs, self._deferred():
             try:
@@ -200,6 +221,7 @@ class TaskEncoder:
 
         Raises:
             TaskPicklingError: it cannot be pickled any more (changed since submit).
+            ReleasedError: it carries a handle released since submit.
         """
         sink = _Sink(None)
         try:
@@ -340,11 +362,18 @@ class TaskEncoder:
 
     def _explain(
         self, kind: int, fn: Any, data: Any, err: Exception, offset: int
-    ) -> TaskPicklingError:
+    ) -> TaskPicklingError | ReleasedError:
         culprit, obj = self._find_culprit(kind, fn, data, offset)
         if culprit is None:
             culprit, obj = "the task", data
+        if isinstance(err, ReleasedError):
+            # Not a pickling problem but a use after release(): the same error
+            # the stdlib's pools raise, with where the handle was in the task.
+            return ReleasedError(f"{err} (the handle is in {culprit})")
         what = f"{culprit} ({type(obj).__module__}.{type(obj).__qualname__})"
+        if is_file_limit(err):  # not the object's fault: no descriptor was left to pickle it
+            assert isinstance(err, OSError)
+            return TaskPicklingError(file_limit_text(f"pickle {what} for {self.destination}", err))
         return TaskPicklingError(
             f"cannot send {what} to {self.destination}: pickling failed with {err!r}; "
             f"{self._fix(culprit, fn)}"
@@ -533,6 +562,7 @@ class TaskBatch:
         Raises:
             TaskPicklingError: naming the argument or item that cannot be
                 pickled, why, and the fix.
+            ReleasedError: the task carries a released :class:`forkref.Shared` handle.
         """
         walked = self._encoder._walk_data(kind, data, offset)
         self._sink.reset()

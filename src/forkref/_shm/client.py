@@ -1,6 +1,7 @@
 """The worker side of the shared-memory route: fetch, cache, and drop what the sharer released.
 
-How data flows (the sharing side is :mod:`forkref._shm.server`)::
+How data flows (the sharing side is :mod:`forkref._shm.server`, the lines and
+sizes both sides use :mod:`forkref._shm.protocol`)::
 
     fetch(ref)        (a reference this process neither registered nor inherited)
       sweep: has the sharer's board counter moved? drop entries whose slot no longer
@@ -44,13 +45,18 @@ from typing import Any
 from forkref._errors import Error, NotInheritedError, SharedMemoryError, SharedMemoryFullError
 from forkref._refs.registry import Reference
 from forkref._shm import segments, serialize
-from forkref._shm.server import BOARD_BYTES, address, peer, request_line
+from forkref._shm.protocol import (
+    BOARD_BYTES,
+    FDS_PER_REPLY,
+    REPLY_LIMIT,
+    address,
+    peer,
+    request_line,
+)
 
 __all__ = ["FetchError", "before_task", "counts", "fetch"]
 
 _REPLY_TIMEOUT = 600.0  # serializing a huge object takes a while; death gives EOF
-_REPLY_LIMIT = 1 << 16  # a reply is one short JSON line
-_FDS_PER_REPLY = 2  # the segment, and the board once per connection
 _KINDS: dict[str, type[Error]] = {
     "SharedMemoryFullError": SharedMemoryFullError,
     "SharedMemoryError": SharedMemoryError,
@@ -303,10 +309,10 @@ def _recv_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
     # socket.recv_fds() takes no flags: recvmsg with MSG_CMSG_CLOEXEC makes
     # the received descriptor close-on-exec atomically.
     cloexec = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-    space = socket.CMSG_SPACE(_FDS_PER_REPLY * array.array("i").itemsize)
+    space = socket.CMSG_SPACE(FDS_PER_REPLY * array.array("i").itemsize)
     try:
-        while not data.endswith(b"\n") and len(data) <= _REPLY_LIMIT:
-            chunk, ancdata, flags, _ = sock.recvmsg(_REPLY_LIMIT, space, cloexec)
+        while not data.endswith(b"\n") and len(data) <= REPLY_LIMIT:
+            chunk, ancdata, flags, _ = sock.recvmsg(REPLY_LIMIT, space, cloexec)
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4

@@ -8,15 +8,15 @@ read-only and rebuilds the object zero-copy::
 
     sharing process P                               worker W
     -----------------                               --------
-    Shared.__reduce__ -> ensure_serving(ref)        _handle._resolve(ref): registry and fork
+    Shared.__reduce__ -> ensure_serving(ref)        handle._resolve(ref): registry and fork
       bind + listen "forkref-<tree>-<P>";             record miss -> fetch(ref)
       start the export thread (not inside             before_task() / each fetch: drop what
       deferred(): then at serve_pending())            P released (the board, a shared page)
     export thread (forkref._shm.server)    <------    one kept connection per sharer:
-      one selector, every client served              request (the reference's fields)
-      MAC + registration checked, same uid
+      one selector, every client served              request (the reference's fields,
+      MAC + registration checked, same uid            forkref._shm.protocol)
       one export per object, reused     ------->    segment fd (+ board fd): map, rebuild,
-                                                    cache by export serial (forkref._shm.client)
+      (forkref._shm.store)                          cache by export serial (forkref._shm.client)
     last handle dropped / release() / object died:
       board[slot] = 0 -------------------------->   dropped at the next before_task()
 
@@ -36,7 +36,7 @@ itself (``SO_PEERCRED``), never another process that took its address.
 result into a named 0600 segment and returns a small :class:`ResultToken`;
 ``import_result(token)`` in the parent maps it zero-copy and unlinks the name
 at once. A token that dies unimported in the process that received it
-unlinks its segment then; a janitor process (see ``_shm``) unlinks names
+unlinks its segment then; a janitor process (see :mod:`forkref._shm.segments`) unlinks names
 whose writer and the writer's parent died before any import.
 
 Package API (``export_result``, ``import_result`` and ``ResultToken`` are
@@ -70,12 +70,14 @@ Results:
     import_result(value) -> object  identity for anything but a ResultToken
     ResultToken, DEFAULT_RESULT_THRESHOLD
 
-Fork safety: the export thread holds no lock across a fork. A fork hook stops
-it (and joins it, waiting for an export in progress) before every
-``os.fork()`` and restarts it in the parent afterwards, so a child never
-inherits a half-finished export and 3.12's "multi-threaded ... fork()"
-DeprecationWarning does not count it. Python 3.13 counts threads after the
-at-fork hooks, so forkref's pools fork inside :func:`paused`. The child
+Fork safety: the export thread holds no lock across a fork, and is not alive
+at any fork. A fork hook stops it (and joins it, waiting for an export in
+progress) before every ``os.fork()``, the stdlib's included, and the parent
+restarts it once ``os.fork()`` has returned (:mod:`forkref._fork.atfork`:
+Python 3.13 counts threads after the at-fork hooks), so a child never
+inherits a half-finished export and the "multi-threaded ... fork()"
+DeprecationWarning of 3.12+ never counts it. forkref's pools fork their
+generations inside :func:`paused`, which keeps it stopped throughout. The child
 starts with no server, not paused, and closes the inherited descriptors. A
 fork from the export thread itself (an exported object whose ``__reduce__``
 forks) leaves the thread running: it is the thread that forks. If the thread
@@ -98,11 +100,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from forkref._errors import NotInheritedError
+from forkref._fork.atfork import after_fork_returns
+from forkref._os import unlink_quietly
 from forkref._refs.registry import Reference, registry
-from forkref._shm import client as _fetcher
-from forkref._shm import segments as _shm
-from forkref._shm import serialize
-from forkref._shm.server import Server, address
+from forkref._shm import client, segments, serialize
+from forkref._shm.server import Server
 
 __all__ = [
     "DEFAULT_RESULT_THRESHOLD",
@@ -121,7 +123,6 @@ __all__ = [
 ]
 
 DEFAULT_RESULT_THRESHOLD = 1 << 20
-_address = address  # kept for tests and tools that locate a server
 
 
 @dataclass(frozen=True)
@@ -281,26 +282,33 @@ def _before_fork() -> None:
 def _after_fork_parent() -> None:
     global _fork_lock_owner
     try:
-        # Restarted at once: a worker may be waiting in the socket's backlog.
-        # (3.13 counts threads after this hook, so it may warn about this one;
-        # forkref's own pools fork inside paused() instead.)
+        # Restarted as soon as os.fork() has returned: a worker may be waiting
+        # in the socket's backlog. Not here: Python 3.13 counts the threads
+        # after this hook, and would warn about this one (see forkref._fork.atfork).
         server = _server
         if server is not None and server.wanted and not _paused and server.thread is None:
-            server.start()
+            after_fork_returns(_restart_after_fork)
     finally:
         if _fork_lock_owner == threading.get_ident():
             _fork_lock_owner = 0
             _server_lock.release()
 
 
+def _restart_after_fork() -> None:
+    with _server_lock:
+        server = _server
+        if server is not None and server.wanted and not _paused and not server.running():
+            server.start()
+
+
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
     """Keep the export thread stopped for a block that forks, restart it after.
 
-    For forkref's pools: the at-fork hooks restart the thread inside
-    ``os.fork()``, where Python 3.13 counts it and warns "multi-threaded ...
-    fork() may lead to deadlocks"; forking inside this block does not.
-    Workers asking for an export meanwhile wait, and are served on exit.
+    For forkref's pools, which fork a generation and then set it up: the
+    thread stays stopped from before the fork until the block ends, instead
+    of restarting as soon as ``os.fork()`` returns. Workers asking for an
+    export meanwhile wait, and are served on exit.
     A child forked inside the block starts unpaused.
     """
     global _paused
@@ -345,7 +353,7 @@ def stats() -> ExportStats:
     """Counters of this process's exports and fetches."""
     server = _server
     sharing = server.counts() if server is not None else {}
-    fetching = _fetcher.counts()
+    fetching = client.counts()
     return ExportStats(
         exports=sharing.get("exports", 0),
         live_exports=sharing.get("live_exports", 0),
@@ -360,7 +368,7 @@ def stats() -> ExportStats:
 
 # -- worker side --------------------------------------------------------------------
 
-before_task = _fetcher.before_task
+before_task = client.before_task
 
 
 def fetch(ref: Reference, err: NotInheritedError) -> object:
@@ -379,8 +387,8 @@ def fetch(ref: Reference, err: NotInheritedError) -> object:
     if reg.forged_here(ref):
         raise err  # same tree as the sharer: it would refuse too
     try:
-        return _fetcher.fetch(ref)
-    except _fetcher.FetchError as why:
+        return client.fetch(ref)
+    except client.FetchError as why:
         reason, fix = reg.diagnose(ref)
         raise why.kind(
             reg.describe(
@@ -395,7 +403,7 @@ def fetch(ref: Reference, err: NotInheritedError) -> object:
 # -- results -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ResultToken:
     """A big result left in a named segment; pickles to about 150 bytes.
 
@@ -416,6 +424,12 @@ class ResultToken:
     path: str
     size: int
     typename: str
+
+    def __repr__(self) -> str:
+        return (
+            f"<forkref.ResultToken {self.typename}, {self.size / 2**20:,.1f} MiB "
+            f"in {self.path}; forkref.import_result() it>"
+        )
 
     def __reduce__(self) -> tuple[object, ...]:
         _disown(self)
@@ -438,8 +452,8 @@ def _disown(token: ResultToken) -> None:
 
 def _unlink_unimported(path: str, owner_pid: int) -> None:
     # A forked child holds copies of its parent's tokens: only the owner unlinks.
-    if os.getpid() == owner_pid and os.path.basename(path).startswith(_shm.RESULT_PREFIX):
-        _unlink_quietly(path)
+    if os.getpid() == owner_pid and os.path.basename(path).startswith(segments.RESULT_PREFIX):
+        unlink_quietly(path)
 
 
 def export_result(obj: object, threshold: int | None = DEFAULT_RESULT_THRESHOLD) -> object:
@@ -460,11 +474,11 @@ def export_result(obj: object, threshold: int | None = DEFAULT_RESULT_THRESHOLD)
         return obj
     what = f"a {type(obj).__module__}.{type(obj).__qualname__} result"
     p = serialize.plan(obj)
-    path, fd = _shm.create_named(p.size, what)
+    path, fd = segments.create_named(p.size, what)
     try:
         serialize.write(p, fd, what)
     except BaseException:
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise
     finally:
         os.close(fd)
@@ -484,10 +498,10 @@ def import_result(value: object) -> object:
     if not isinstance(value, ResultToken):
         return value
     what = f"a {value.typename} result"
-    fd, size = _shm.open_and_unlink(value.path, what)
+    fd, size = segments.open_and_unlink(value.path, what)
     _disown(value)  # imported: the name is gone, nothing for the finalizer to do
     try:
-        mapping = _shm.map_readonly(fd, size)
+        mapping = segments.map_readonly(fd, size)
     finally:
         os.close(fd)
     return serialize.rebuild(mapping)
@@ -504,14 +518,3 @@ def _result_nbytes(obj: object) -> int | None:
     if module == "pyarrow" and hasattr(obj, "nbytes"):
         return int(obj.nbytes)
     return None
-
-
-def _close_quietly(fd: int) -> None:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -12,7 +12,7 @@ Two kinds, chosen so that nothing outlives the processes that could still
 use it:
 
 * **Anonymous** segments (exports of shared objects) are created with
-  ``O_TMPFILE``: they never have a name. The exporter keeps the descriptor
+  ``O_TMPFILE``: they never have a name. The export store keeps the descriptor
   and passes it to workers over a unix socket (``SCM_RIGHTS``). The kernel
   frees the memory when the last descriptor and mapping are gone, whoever
   was killed and however.
@@ -24,7 +24,7 @@ use it:
   inherited by its forked children) unlinks every name whose writer and the
   writer's parent have both died, then exits. Until then a result that is
   never imported stays in the directory, unless the token that names it
-  dies in the process that received it (``_export.ResultToken``).
+  dies in the process that received it (:class:`forkref.ResultToken`).
 
 Before any write, :func:`check_space` compares the size with the free space
 of the directory: tmpfs is only reserved as pages are written, and a mapping
@@ -57,7 +57,9 @@ import stat
 import sys
 import threading
 
+from forkref import _os
 from forkref._errors import SharedMemoryError, SharedMemoryFullError
+from forkref._os import unlink_quietly
 
 __all__ = [
     "RESULT_PREFIX",
@@ -86,16 +88,27 @@ def segment_dir() -> str:
     return os.environ.get(ENV_DIR) or _DEFAULT_DIR
 
 
-def _fixes(directory: str) -> str:
+def _fixes(directory: str, results: bool) -> str:
+    room = (
+        f"give {directory} more room (Docker: run with a larger --shm-size, e.g. "
+        f"--shm-size=8g), or point the environment variable {ENV_DIR} at a directory with "
+        "room (a tmpfs keeps it in RAM)"
+    )
+    if results:  # results always travel through segments, whatever the start method
+        return (
+            f"Fixes: {room}; or import_result() the results already exported sooner, "
+            "which frees their segments"
+        )
+    # Said for both kinds of pool: the exporting process does not know which
+    # kind of pool the worker that asked for the object belongs to.
     return (
-        f"Fixes: give {directory} more room (Docker: run with a larger --shm-size, "
-        "e.g. --shm-size=8g), use fork-inherited workers (the 'fork' start method or "
-        "forkref.Pool), which need no shared memory, or point the environment variable "
-        f"{ENV_DIR} at a directory with room (a tmpfs keeps it in RAM)"
+        f"Fixes: {room}; or start the workers with the 'fork' method, whose workers inherit "
+        "the object and need no shared memory: forkref.Pool's default (leave out its "
+        "context/mp_context argument), multiprocessing.get_context('fork') for a stdlib pool"
     )
 
 
-def check_space(nbytes: int, what: str) -> None:
+def check_space(nbytes: int, what: str, results: bool = False) -> None:
     """Raise :class:`SharedMemoryFullError` unless ``nbytes`` fit in the segment directory."""
     directory = segment_dir()
     try:
@@ -107,14 +120,16 @@ def check_space(nbytes: int, what: str) -> None:
         ) from err
     available = st.f_bavail * st.f_frsize
     if nbytes > available:
-        raise _full_error(nbytes, available, what, directory)
+        raise _full_error(nbytes, available, what, directory, results)
 
 
-def _full_error(nbytes: int, available: int, what: str, directory: str) -> SharedMemoryFullError:
+def _full_error(
+    nbytes: int, available: int, what: str, directory: str, results: bool = False
+) -> SharedMemoryFullError:
     return SharedMemoryFullError(
         f"cannot write {what} to shared memory: it needs {nbytes} bytes "
         f"({nbytes / 2**20:.1f} MiB) and {directory} has {available} bytes "
-        f"({available / 2**20:.1f} MiB) free. {_fixes(directory)}"
+        f"({available / 2**20:.1f} MiB) free. {_fixes(directory, results)}"
     )
 
 
@@ -135,7 +150,7 @@ def create_anonymous(nbytes: int, what: str) -> int:
 
 def create_named(nbytes: int, what: str) -> tuple[str, int]:
     """Create a named segment of ``nbytes`` (after a space check), janitor-watched."""
-    check_space(nbytes, what)
+    check_space(nbytes, what, results=True)
     directory = segment_dir()
     path, fd = _create_exclusive(directory, RESULT_PREFIX, what)
     try:
@@ -143,7 +158,7 @@ def create_named(nbytes: int, what: str) -> tuple[str, int]:
         _janitor_watch(path, what)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise
     _truncate(fd, nbytes, what, directory, path)
     return path, fd
@@ -169,7 +184,7 @@ def _truncate(fd: int, nbytes: int, what: str, directory: str, path: str | None 
     except OSError as err:
         os.close(fd)
         if path is not None:
-            _unlink_quietly(path)
+            unlink_quietly(path)
         raise SharedMemoryError(
             f"cannot size the shared-memory segment for {what} to {nbytes} bytes "
             f"in {directory!r}: {err}"
@@ -226,13 +241,8 @@ def open_and_unlink(path: str, what: str) -> tuple[int, int]:
         raise SharedMemoryError(
             f"refusing the segment {path!r} for {what}: not a private file of this user"
         )
-    _unlink_quietly(path)
+    unlink_quietly(path)
     return fd, st.st_size
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 # -- the janitor ---------------------------------------------------------------
@@ -248,23 +258,13 @@ import os
 # Drop every descriptor inherited from the writer first: holding the end of
 # a pool's pipe would hide the writer's death from its pool.
 os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
-import json, select, signal, time
+import json, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+# forkref._os, run from its file (argv[2]): forkref itself is not imported here.
+helpers = {"__name__": "forkref_os"}
+with open(sys.argv[2], "rb") as f:
+    exec(compile(f.read(), sys.argv[2], "exec"), helpers)
+alive = helpers["process_running"]
 watched, buf, reading = {}, b"", True
 while reading or watched:
     if reading and select.select([0], [], [], 0.2)[0]:
@@ -386,7 +386,7 @@ def _start_janitor() -> int:
     try:
         pid = os.posix_spawn(
             sys.executable,
-            [sys.executable, "-I", "-S", "-c", _JANITOR_CODE, "forkref-janitor"],
+            [sys.executable, "-I", "-S", "-c", _JANITOR_CODE, "forkref-janitor", _os.__file__],
             dict(os.environ),
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, read_end, 0),

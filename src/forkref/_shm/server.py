@@ -1,6 +1,7 @@
 """The sharing side of the shared-memory route: one export server per sharing process.
 
-How data flows (the worker side is :mod:`forkref._shm.client`)::
+How data flows (the worker side is :mod:`forkref._shm.client`, what they say
+to each other :mod:`forkref._shm.protocol`, the exports :mod:`forkref._shm.store`)::
 
     sharing process P                                         worker W (one connection, kept)
     -----------------                                         -------------------------------
@@ -10,94 +11,43 @@ How data flows (the worker side is :mod:`forkref._shm.client`)::
     export thread: one selector over the listening socket     connect: is the peer P, same uid?
       and every connection: an idle or slow client never
       holds up another                                  <---- request line (JSON reference)
-      same uid? registry().lookup(ref): MAC, registered?
-      an export of this very object? (weakref: the object,
-        not the reference, so inline share(x) in every
-        map() reuses it) else pickle once into an
-        unnamed segment and take a slot on the board
+      same uid? store.serve(conn, ref): the export of this
+        object, made once (see forkref._shm.store)
       reply {"size","serial","slot"} + segment fd
         (+ the board's fd, once per connection) ---------->  map it, rebuild, cache by serial
-    the registry drops the last registration of the
-      object (listener), or the object dies (weakref):
-      board[slot] = 0; board[0] += 1  ======== shared page ======> before_task(): board[0] changed?
-      explicit release(), object gone, or no worker                 drop cached objects whose
-      that fetched it is left: close the segment fd                 board[slot] != their serial
-      otherwise dormant: kept for the next share of the object
-    W exits: its connection closes: dormant exports that only it
-      had fetched are freed (the pool closed)
+    the registry drops the last registration (store.on_drop),
+      or the object dies: board[slot] = 0 ======= shared page ======> before_task(): drop it
+    W exits: its connection closes: the store frees the dormant
+      exports that only it had fetched (the pool closed)
 
-**The board** is one unnamed page-backed segment per sharing process, mapped
-read-write here and read-only by workers: word 0 counts withdrawals, word
-``slot`` holds the serial of the export using that slot (0: withdrawn). A
-worker compares one word per task, and looks at its entries only when it
-changed. ``_BOARD_SLOTS`` exports can be live at once; beyond that an export
-gets slot 0, and workers keep it until they exit.
+The server owns the socket, the selector, the connections and the thread's
+life (start, stop and join around forks, close); the store owns the exports
+and the board, under its lock, which the server takes to forget a connection.
 
-**Locking.** The export thread owns the state and changes it under
-``_Server.lock`` (a plain lock). The registry's drop listener and weakref
-callbacks may run in any thread, even inside a garbage collection in the
-thread that holds the lock, so they never wait: they queue their event and
-process the queue only if the lock is free; whoever holds it processes the
-queue before letting go.
-
-Non-goals: no flow control beyond one reply per request; no eviction of
-exports that are in use; exports are per machine (unix sockets, a tmpfs).
+Non-goals: no flow control beyond one reply per request; exports are per
+machine (unix sockets, a tmpfs).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
-import json
-import mmap
 import os
 import selectors
 import socket
-import struct
-import sys
 import threading
 import time
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 from forkref._errors import Error, NotInheritedError, SharedMemoryError, SharedMemoryFullError
-from forkref._refs.registry import Reference, registry
-from forkref._shm import segments, serialize
+from forkref._os import close_quietly, wait_os_thread_gone
+from forkref._refs.registry import Reference
+from forkref._shm.protocol import REQUEST_LIMIT, address, parse_request, peer, reply_line
+from forkref._shm.store import Export, ExportStore, PicklingFailed
 
-__all__ = ["BOARD_BYTES", "Server", "address", "check_peer", "parse_request", "peer"]
+__all__ = ["Server", "check_peer"]
 
-_BOARD_SLOTS = 32767
-BOARD_BYTES = (1 + _BOARD_SLOTS) * 8  # a tmpfs file: only the pages written take room
-REQUEST_LIMIT = 4096
 _PARTIAL_REQUEST_SECONDS = 5.0  # a connection holding half a request this long is dropped
 _MAX_CONNECTIONS = 4096
-
-
-def address(tree: bytes, pid: int) -> str:
-    """The socket address of the export server of process ``pid`` in tree ``tree``."""
-    name = f"forkref-{tree.hex()}-{pid}"
-    if sys.platform.startswith("linux"):
-        return "\0" + name  # abstract namespace: no file to clean up
-    return os.path.join(_private_dir(), name)
-
-
-def _private_dir() -> str:
-    import tempfile
-
-    path = os.path.join(tempfile.gettempdir(), f"forkref-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
-def peer(conn: socket.socket) -> tuple[int, int] | None:
-    """(pid, uid) of the process at the other end; None where the OS cannot tell."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None  # not Linux: the socket lives in a 0700 directory instead
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
-    return pid, uid
 
 
 def check_peer(conn: socket.socket) -> None:
@@ -111,124 +61,6 @@ def check_peer(conn: socket.socket) -> None:
         )
 
 
-def parse_request(line: bytes) -> Reference:
-    """The reference in a request line. Plain JSON, never pickle: it comes from another process."""
-    try:
-        msg = json.loads(line)
-        return Reference(
-            bytes.fromhex(msg["tree"]),
-            bytes.fromhex(msg["key"]),
-            int(msg["pid"]),
-            str(msg["typename"]),
-            bytes.fromhex(msg["mac"]),
-            int(msg.get("serial", 0)),
-            bytes.fromhex(msg.get("record", "")),
-            bool(msg.get("weakrefable", True)),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise NotInheritedError(f"malformed export request ({err!r}).") from err
-
-
-def request_line(ref: Reference) -> bytes:
-    """The request for ``ref``, as a worker sends it."""
-    msg = {
-        "tree": ref.tree.hex(),
-        "key": ref.key.hex(),
-        "pid": ref.origin_pid,
-        "typename": ref.typename,
-        "mac": ref.mac.hex(),
-        "serial": ref.serial,
-        "record": ref.record.hex(),
-        "weakrefable": ref.weakrefable,
-    }
-    return json.dumps(msg).encode() + b"\n"
-
-
-# -- the board ---------------------------------------------------------------------
-
-
-class _Board:
-    """The page workers read to learn which exports are still live (the sharing side)."""
-
-    def __init__(self) -> None:
-        self.fd = _board_fd()
-        try:
-            self.map = mmap.mmap(self.fd, BOARD_BYTES, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.words = memoryview(self.map).cast("Q")
-        self.free: list[int] = []
-        self.next = 1
-
-    def take(self) -> int:
-        """A free slot, or 0 (untracked) when all are taken."""
-        if self.free:
-            return self.free.pop()
-        if self.next > _BOARD_SLOTS:
-            return 0
-        self.next += 1
-        return self.next - 1
-
-    def publish(self, slot: int, serial: int) -> None:
-        if slot:
-            self.words[slot] = serial
-
-    def withdraw(self, slot: int) -> None:
-        """Mark the slot's export gone; workers see the counter move. Order matters:
-        a worker reads the counter, then the slots."""
-        if slot and self.words[slot]:
-            self.words[slot] = 0
-            self.words[0] = (self.words[0] + 1) & 0xFFFFFFFFFFFFFFFF
-
-    def give_back(self, slot: int) -> None:
-        if slot:
-            self.free.append(slot)
-
-    def close(self) -> None:
-        self.words.release()
-        self.map.close()
-        _close_quietly(self.fd)
-
-
-def _board_fd() -> int:
-    """A descriptor for the board: a memfd where there is one, else a segment.
-
-    Not a file of the segment directory: the board is control state that
-    lives as long as the server, and must neither pin that directory (a tmpfs
-    could not be unmounted) nor fail when it is full.
-    """
-    if hasattr(os, "memfd_create"):
-        try:
-            fd = os.memfd_create("forkref-board", os.MFD_CLOEXEC)
-        except OSError:
-            pass
-        else:
-            try:
-                os.ftruncate(fd, BOARD_BYTES)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-    return segments.create_anonymous(BOARD_BYTES, "forkref's export board")
-
-
-# -- exports and connections ---------------------------------------------------------
-
-
-class _Export:
-    """One object serialized into one segment."""
-
-    __slots__ = ("fd", "holders", "key", "ref", "serial", "size", "slot", "weak")
-
-    def __init__(self, fd: int, size: int, key: int, weak: weakref.ref[Any] | None) -> None:
-        self.fd, self.size, self.key, self.weak = fd, size, key, weak
-        self.ref: Reference | None = None  # the registration it serves; None: dormant
-        self.serial = 0
-        self.slot = 0
-        self.holders: set[int] = set()  # connections (fds) that received it
-
-
 class _Conn:
     """A worker's connection: its half-read request and what it was sent."""
 
@@ -238,12 +70,12 @@ class _Conn:
         self.sock, self.fd, self.pid = sock, sock.fileno(), pid
         self.buf = b""
         self.since = 0.0  # when the pending partial request began
-        self.held: set[_Export] = set()  # exports sent on this connection
+        self.held: set[Export] = set()  # exports sent on this connection
         self.board_sent = False
 
 
 class Server:
-    """Listening socket, export thread, exports and board of one sharing process."""
+    """Listening socket, connections and export thread of one sharing process."""
 
     def __init__(self, tree: bytes) -> None:
         self.address = address(tree, os.getpid())
@@ -260,17 +92,11 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ)
         self.sel.register(self.wake_r, selectors.EVENT_READ)
-        self.lock = threading.Lock()
-        self.pending: collections.deque[tuple[str, Any, bool]] = collections.deque()
-        self.by_ref: dict[Reference, _Export] = {}
-        self.by_object: dict[int, _Export] = {}
-        self.by_serial: dict[int, _Export] = {}
+        self.store = ExportStore()
         self.conns: dict[int, _Conn] = {}
-        self.board: _Board | None = None
-        self.serials = itertools.count(1)
         self.thread: threading.Thread | None = None
         self.wanted = False  # the thread should run (restarted after forks and pauses)
-        self.exported = self.served = 0
+        self.served = 0
 
     # -- thread control (the callers hold _export's server lock) ---------------------
 
@@ -295,7 +121,7 @@ class Server:
         if thread.is_alive():
             os.write(self.wake_w, b"x")
             thread.join()
-            _wait_os_thread_gone(thread.native_id)
+            wait_os_thread_gone(thread.native_id)
         # Cleared only now: until joined, the fork hook must still recognize
         # the export thread (a fork from it must not wait for the server lock).
         self.thread = None
@@ -304,14 +130,10 @@ class Server:
     def close(self) -> None:
         """Stop, close every socket and drop every export. Idempotent."""
         self.stop()
-        with self.lock:
+        with self.store.lock:
             for conn in list(self.conns.values()):
                 self._forget_conn(conn)
-            for export in list(self.by_serial.values()) + list(self.by_object.values()):
-                self._free(export)
-            if self.board is not None:
-                self.board.close()
-                self.board = None
+            self.store.close_locked()
         self._close_fds()
 
     def abandon(self) -> None:
@@ -322,23 +144,16 @@ class Server:
         descriptor is all that may happen to it (no unregister).
         """
         for conn in self.conns.values():
-            _close_quietly(conn.fd)
-        for export in {*self.by_serial.values(), *self.by_object.values()}:
-            _close_quietly(export.fd)
-        if self.board is not None:
-            with contextlib.suppress(Exception):
-                self.board.words.release()
-                self.board.map.close()
-            _close_quietly(self.board.fd)
-        self.conns, self.by_ref, self.by_object, self.by_serial = {}, {}, {}, {}
-        self.board = None
+            close_quietly(conn.fd)
+        self.store.abandon()
+        self.conns = {}
         self._close_fds()
 
     def _close_fds(self) -> None:
         with contextlib.suppress(Exception):
             self.sel.close()
         for fd in (self.wake_r, self.wake_w):
-            _close_quietly(fd)
+            close_quietly(fd)
         self.wake_r = self.wake_w = -1
         self.sock.close()
         if not self.address.startswith("\0"):
@@ -359,7 +174,7 @@ class Server:
                 else:
                     self._readable(key.data)
             self._expire_partial_requests()
-            self.process_pending()
+            self.store.process_pending()
 
     def _timeout(self) -> float | None:
         waiting = [c.since for c in self.conns.values() if c.buf]
@@ -422,7 +237,9 @@ class Server:
 
     def _answer(self, conn: _Conn, line: bytes) -> None:
         try:
-            export, board_fd = self._serve(conn, parse_request(line))
+            export, board_fd = self.store.serve(
+                conn.fd, conn.held, parse_request(line), conn.board_sent
+            )
         except Error as err:
             reply, fds = _error_reply(err), list[int]()
         except BaseException as err:  # the thread must survive any request, even SystemExit
@@ -445,230 +262,40 @@ class Server:
             self._drop_conn(conn)
 
     def _send(self, conn: _Conn, msg: dict[str, Any], fds: list[int] | None = None) -> bool:
-        data = json.dumps(msg).encode() + b"\n"
+        data = reply_line(msg)
         try:
             sent = socket.send_fds(conn.sock, [data], fds or [])
         except OSError:
             return False  # gone, or not reading its replies: dropped
         return sent == len(data)
 
-    # -- exports -------------------------------------------------------------------------
-
-    def _serve(self, conn: _Conn, ref: Reference) -> tuple[_Export, int | None]:
-        obj = _lookup(ref)
-        with self.locked():
-            export = self._find(ref, obj)
-        if export is None:
-            export = self._create(ref, obj)
-        with self.locked():
-            if export.fd < 0:  # released (or its object died) meanwhile
-                _lookup(ref)
-                raise NotInheritedError(f"the shared {ref.typename} was released meanwhile.")
-            export.holders.add(conn.fd)
-            conn.held.add(export)
-            board = self.board
-        board_fd = board.fd if board is not None and not conn.board_sent else None
-        return export, board_fd
-
-    def _find(self, ref: Reference, obj: object) -> _Export | None:
-        """The export of ``obj`` if there is one, bound to ``ref``. Under the lock."""
-        export = self.by_ref.get(ref)
-        if export is not None:
-            return export
-        export = self.by_object.get(id(obj))
-        if export is None:
-            return None
-        if export.weak is not None:
-            same = export.weak() is obj  # a weak reference never names a newer object
-        else:
-            same = export.ref is not None and _registered(export.ref) is obj
-        if not same:
-            self._free(export)  # its object is gone: the id belongs to another now
-            return None
-        self._bind(export, ref)
-        return export
-
-    def _create(self, ref: Reference, obj: object) -> _Export:
-        what = f"the shared {ref.typename}"
-        if self.board is None:  # only this thread creates it
-            self.board = _Board()
-        try:
-            fd, size = _write_export(obj, what)
-        except SharedMemoryFullError:
-            if not self._evict_dormant():
-                raise
-            fd, size = _write_export(obj, what)  # room made by exports nobody uses
-        try:
-            weak = weakref.ref(obj, self._object_died)
-        except TypeError:
-            weak = None  # not weakref-able: the export lives with the registration
-        export = _Export(fd, size, id(obj), weak)
-        with self.locked():
-            assert self.board is not None
-            export.slot = self.board.take()
-            self.by_object[export.key] = export
-            self._bind(export, ref)
-            self.exported += 1
-            if _registered(ref) is not obj:  # released while we wrote it
-                self._free(export)
-        return export
-
-    def _bind(self, export: _Export, ref: Reference) -> None:
-        """Make ``export`` serve ``ref``, under a new serial. Under the lock."""
-        assert self.board is not None
-        if export.ref is not None:
-            self.by_ref.pop(export.ref, None)
-        self.by_serial.pop(export.serial, None)
-        export.ref = ref
-        export.serial = next(self.serials)
-        self.by_ref[ref] = export
-        self.by_serial[export.serial] = export
-        self.board.publish(export.slot, export.serial)
-
-    def _withdraw(self, export: _Export, explicit: bool) -> None:
-        """The registration went: workers drop it; free it, or keep it dormant. Under the lock."""
-        if export.ref is not None:
-            self.by_ref.pop(export.ref, None)
-            export.ref = None
-        if self.board is not None:
-            self.board.withdraw(export.slot)
-        if explicit or export.weak is None or not export.holders:
-            self._free(export)
-
-    def _free(self, export: _Export) -> None:
-        """Close the segment; its memory goes with the workers' last mapping. Under the lock."""
-        if export.fd < 0:
-            return
-        if export.ref is not None:
-            self.by_ref.pop(export.ref, None)
-            export.ref = None
-        if self.by_serial.get(export.serial) is export:
-            del self.by_serial[export.serial]
-        if self.by_object.get(export.key) is export:
-            del self.by_object[export.key]
-        if self.board is not None:
-            self.board.withdraw(export.slot)
-            self.board.give_back(export.slot)
-        _close_quietly(export.fd)
-        export.fd = -1
-
-    def _evict_dormant(self) -> bool:
-        with self.locked():
-            dormant = [e for e in self.by_object.values() if e.ref is None]
-            for export in dormant:
-                self._free(export)
-        return bool(dormant)
-
     def _drop_conn(self, conn: _Conn) -> None:
-        with self.locked():
+        with self.store.locked():
             self._forget_conn(conn)
 
     def _forget_conn(self, conn: _Conn) -> None:
-        """Under the lock: a worker left; free dormant exports that only it had."""
+        """Under the store's lock: a worker left; free dormant exports that only it had."""
         if self.conns.pop(conn.fd, None) is None:
             return
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.sel.unregister(conn.sock)
         conn.sock.close()
-        for export in conn.held:
-            export.holders.discard(conn.fd)
-            if export.ref is None and not export.holders:
-                self._free(export)
+        self.store.release_locked(conn.fd, conn.held)
 
-    # -- events from other threads ---------------------------------------------------------
+    # -- events from other threads, and figures -------------------------------------------
 
     def on_drop(self, ref: Reference, explicit: bool) -> None:
         """Registry listener: the last registration of ``ref`` went. Never blocks."""
-        self.pending.append(("drop", ref, explicit))
-        self.process_pending(blocking=False)
-
-    def _object_died(self, weak: weakref.ref[Any]) -> None:
-        self.pending.append(("died", weak, True))
-        self.process_pending(blocking=False)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the lock; process queued events before letting go."""
-        with self.lock:
-            yield
-            self._process_locked()
-        if self.pending:  # queued after we processed, while we still held the lock
-            self.process_pending(blocking=False)
-
-    def process_pending(self, blocking: bool = True) -> None:
-        """Process queued drops and deaths now, unless another thread holds the lock."""
-        while self.pending:
-            if not self.lock.acquire(blocking=blocking):
-                return  # the holder processes them before it lets go
-            try:
-                self._process_locked()
-            finally:
-                self.lock.release()
-
-    def _process_locked(self) -> None:
-        while self.pending:
-            kind, what, explicit = self.pending.popleft()
-            if kind == "drop":
-                export = self.by_ref.get(what)
-                if export is not None:
-                    self._withdraw(export, explicit)
-            else:  # died: find the export whose weak reference this is
-                for export in list(self.by_object.values()):
-                    if export.weak is what:
-                        self._free(export)
-
-    # -- figures ---------------------------------------------------------------------------
+        self.store.on_drop(ref, explicit)
 
     def counts(self) -> dict[str, int]:
-        with self.locked():
-            exports = {*self.by_serial.values(), *self.by_object.values()}
+        """Exports made, live and dormant, requests served, connections open."""
+        with self.store.locked():
             return {
-                "exports": self.exported,
-                "live_exports": len(exports),
-                "dormant_exports": sum(1 for e in exports if e.ref is None),
+                **self.store.counts_locked(),
                 "served": self.served,
                 "connections": len(self.conns),
             }
-
-
-def _lookup(ref: Reference) -> object:
-    """The registered object, or NotInheritedError saying why not (forged, foreign, released).
-
-    The message is the why and the fix only: the worker puts them after its
-    own account of what it tried.
-    """
-    reg = registry()
-    try:
-        return reg.lookup(ref)
-    except NotInheritedError:
-        why, fix = reg.diagnose(ref)
-        raise NotInheritedError(f"{why[:1].lower()}{why[1:]}. {fix}") from None
-
-
-def _registered(ref: Reference) -> object:
-    try:
-        return registry().lookup(ref)
-    except NotInheritedError:
-        return None
-
-
-def _write_export(obj: object, what: str) -> tuple[int, int]:
-    """Pickle ``obj`` once into a new unnamed segment; return (fd, size)."""
-    try:
-        p = serialize.plan(obj)
-    except Exception as err:
-        raise _PicklingFailed(f"the sharing process could not pickle it ({err!r})") from err
-    fd = segments.create_anonymous(p.size, what)
-    try:
-        serialize.write(p, fd, what)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, p.size
-
-
-class _PicklingFailed(NotInheritedError):
-    """The object cannot be pickled: only fork inheritance can hand it over."""
 
 
 def _error_reply(err: BaseException) -> dict[str, Any]:
@@ -682,32 +309,10 @@ def _error_reply(err: BaseException) -> dict[str, Any]:
         kind = "NotInheritedError"
     # A pickling failure has no fix here: the worker knows why it did not
     # inherit the object, hence which fix applies.
-    return {"error": str(err), "type": kind, "own_fix": not isinstance(err, _PicklingFailed)}
-
-
-def _wait_os_thread_gone(native_id: int | None, limit: float = 1.0) -> None:
-    """Wait (briefly) until the kernel thread behind a joined Thread has exited.
-
-    ``join()`` returns when the Python thread is done, a moment before its
-    OS thread exits (always on 3.13, often on 3.12). A fork in that moment
-    counts two threads and 3.12+ warns "multi-threaded ... fork() may lead to
-    deadlocks" because of a thread that is already finished.
-    """
-    task = f"/proc/self/task/{native_id}"
-    if native_id is None or not os.path.exists("/proc/self/task"):
-        return
-    deadline = time.monotonic() + limit
-    while os.path.exists(task) and time.monotonic() < deadline:
-        time.sleep(0.0001)
+    return {"error": str(err), "type": kind, "own_fix": not isinstance(err, PicklingFailed)}
 
 
 def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError, OSError):
         while os.read(fd, 64):
             pass
-
-
-def _close_quietly(fd: int) -> None:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(commands: Any) -> None:
-    from forkref._tools.bench.registry import METHODS, WORKLOADS, Config, load
+    from forkref._tools.bench.catalog import load
+    from forkref._tools.bench.registry import METHODS, WORKLOADS, Config
 
     load()
     bench = commands.add_parser(

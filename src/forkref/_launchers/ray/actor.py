@@ -40,7 +40,7 @@ import traceback
 from forkref._engine.wire import HDR, RETIRE
 from forkref._engine.worker import Functions, WorkerSetup, error_reply, execute
 from forkref._errors import Error
-from forkref._refs.registry import Reference
+from forkref._refs.registry import Reference, set_pool_worker
 from forkref._share.handle import supplied
 
 __all__ = ["RayWorker", "dumps_reply"]
@@ -71,6 +71,7 @@ class RayWorker:
         self._functions = Functions()
         self._done = 0
         self._init_error: str | None = None
+        set_pool_worker("ray")
         if setup.initializer is not None:
             try:
                 setup.initializer(*setup.initargs)

@@ -19,6 +19,11 @@ How a task travels (the launcher makes the channels; the actor side is
   travel many to a call (Ray's cost is about 0.2-0.4 ms per call here,
   0.01 ms per task in a batch of 32), while a task sent to an idle actor
   leaves at once.
+* **Placement.** Tasks are sent at once and wait in Ray until the actor
+  starts; if Ray has not placed the actor after the pool's bound (see
+  :mod:`forkref._launchers.ray.placement`), the channel ends before READY
+  with its :attr:`~forkref._engine.launcher.Channel.startup_error` and the
+  engine breaks the pool with it.
 * **Loss.** An actor that dies (its process, or its node) fails its call
   with ``RayActorError``; every task of that call gets a
   :class:`~forkref.WorkerDiedError` reply (they may have run: they are
@@ -42,25 +47,44 @@ import functools
 import os
 import pickle
 import threading
+import time
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import Channel
+from forkref._engine.model import Channel, Task
 from forkref._engine.wire import ERR, HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
 from forkref._engine.worker import MAX_FUNCTIONS
 from forkref._errors import NotInheritedError, TaskPicklingError, WorkerDiedError
 from forkref._launchers.ray.objects import ObjectTable
+from forkref._launchers.ray.placement import RECHECK, Deadline
 from forkref._refs.registry import Reference
 from forkref._share.taskpickle import FnBlob
 
-if TYPE_CHECKING:
-    from forkref._engine.scheduler import Task
-
-__all__ = ["RayChannel"]
+__all__ = ["PoolSide", "RayChannel"]
 
 _CALLS_IN_FLIGHT = 1  # per actor: see "Loss" above
+
+
+@dataclass(frozen=True)
+class PoolSide:
+    """What every channel of one pool uses: the pool's side of Ray.
+
+    Attributes:
+        ray: the Ray module.
+        objects: the pool's objects in the store.
+        local_node: the driver's node id (a pid means something only there).
+        placement_timeout: seconds an actor may wait to be placed.
+        why_unplaced: the pool's error if the channel's actor waits for
+            CPUs that are not there, else None (it waits on).
+    """
+
+    ray: types.ModuleType
+    objects: ObjectTable
+    local_node: str | None
+    placement_timeout: float
+    why_unplaced: Callable[[RayChannel], str | None]
 
 
 @dataclass
@@ -99,24 +123,19 @@ class RayChannel(Channel):
     reached Ray, and the engine sends them to another worker.
     """
 
-    def __init__(
-        self,
-        ray: types.ModuleType,
-        objects: ObjectTable,
-        local_node: str | None,
-        wid: int,
-        actor: Any,
-    ) -> None:
+    def __init__(self, pool: PoolSide, wid: int, actor: Any) -> None:
         self.wid = wid
         self.pid = None
         self.node_id: str | None = None
         self.node_ip: str | None = None
         self.prefetch_max = 64 << 20  # Ray queues what is sent; the depth limits it
         self._actor = actor
-        self._actor_id = _actor_hex(actor)
-        self._ray = ray
-        self._objects = objects
-        self._local_node = local_node
+        self.actor_id = _actor_hex(actor)
+        self.created = time.monotonic()
+        self._ray = pool.ray
+        self._objects = pool.objects
+        self._local_node = pool.local_node
+        self._why_unplaced = pool.why_unplaced
         read_end, self._wake_w = os.pipe()
         self.fd = read_end
         os.set_blocking(read_end, False)
@@ -136,6 +155,7 @@ class RayChannel(Channel):
         self._stopping = False
         self._terminating = False
         self._exit = ""
+        self._placement = Deadline(pool.placement_timeout, self._wake)
         actor.where.remote()._on_completed(self._on_where)
 
     # -- the engine's side (dispatcher thread) -------------------------------------------
@@ -161,6 +181,8 @@ class RayChannel(Channel):
         """
         with contextlib.suppress(OSError):
             os.read(self.fd or -1, 4096)
+        if self._placement.due() and self._started is None and self.alive():
+            self._check_placement()
         replies = self._started_replies()
         while self._ready and self._calls and self._calls[0].done and not self._lost:
             call = self._calls.popleft()
@@ -168,7 +190,7 @@ class RayChannel(Channel):
                 replies += self._in_order(call)
             else:
                 replies += self._call_lost(call)
-        if self._outbox and len(self._calls) < _CALLS_IN_FLIGHT and self._alive():
+        if self._outbox and len(self._calls) < _CALLS_IN_FLIGHT and self.alive():
             self._flush()
         self._terminate_when_idle()
         if replies:
@@ -194,7 +216,7 @@ class RayChannel(Channel):
         if self._actor is not None:
             with contextlib.suppress(Exception):
                 self._ray.kill(self._actor, no_restart=True)
-        if self._alive():
+        if self.alive():
             self._ended = True
             self._exit = self._exit or f"{self.describe()} killed"
             self._wake()
@@ -203,8 +225,14 @@ class RayChannel(Channel):
         """How the actor ended: ``Ray actor 3f2a... on node 10.0.0.5 (9c1e...) lost: ...``."""
         return self._exit or f"{self.describe()} ended"
 
+    @property
+    def ready(self) -> bool:
+        """The actor answered: it was placed, started and ran the pool's initializer."""
+        return self._ready
+
     def close(self) -> None:
         """Release the pipe and the actor handle. Idempotent."""
+        self._placement.cancel()
         with self._pipe_lock:
             for fd in (self.fd, self._wake_w):
                 close_fd(fd)
@@ -215,18 +243,19 @@ class RayChannel(Channel):
     def describe(self) -> str:
         """``Ray actor <id> on node <address> (<node id>)``, with what is known so far."""
         where = f" on node {self.node_ip} ({(self.node_id or '?')[:12]})" if self.node_ip else ""
-        return f"Ray actor {self._actor_id[:12]}{where}"
+        return f"Ray actor {self.actor_id[:12]}{where}"
 
     # -- calls ----------------------------------------------------------------------------
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
+        """Neither lost nor ended."""
         return not (self._lost or self._ended)
 
     def _terminate_when_idle(self) -> None:
         """Once stopping and nothing is left to run, end the actor (gracefully)."""
         if not self._stopping or self._calls or self._outbox or self._terminating:
             return
-        if self._alive() and self._actor is not None:
+        if self.alive() and self._actor is not None:
             self._terminating = True
             self._actor.__ray_terminate__.remote()._on_completed(self._on_terminated)
 
@@ -281,6 +310,17 @@ class RayChannel(Channel):
         self._forgotten = len(dropped)
         self._sent.difference_update(forget)
         return forget
+
+    def _check_placement(self) -> None:
+        """Past the bound and not started: end with the pool's error if Ray lacks the CPUs."""
+        why = self._why_unplaced(self)
+        if why is None:  # placed and starting slowly, or no shortage: look again later
+            self._placement.extend(RECHECK)
+            return
+        self._placement.cancel()
+        self.startup_error = why
+        self._exit = f"{self.describe()} was never placed"
+        self.kill()
 
     # -- replies --------------------------------------------------------------------------
 
@@ -346,6 +386,7 @@ class RayChannel(Channel):
         self._wake()
 
     def _on_where(self, value: Any) -> None:
+        self._placement.cancel()
         self._started = value
         self._wake()
 

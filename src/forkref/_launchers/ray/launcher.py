@@ -41,23 +41,24 @@ store are read-only snapshots, never synchronised back.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from forkref._engine.launcher import Channel, Launcher, LaunchError
+from forkref._engine.launcher import Launcher, LaunchError
+from forkref._engine.model import Channel, Generation
 from forkref._engine.worker import WorkerSetup
 from forkref._errors import Error
-from forkref._launchers.ray.channel import RayChannel
+from forkref._launchers.ray import placement
+from forkref._launchers.ray.channel import PoolSide, RayChannel
 from forkref._launchers.ray.memory import RayMemoryReport, object_store_use
 from forkref._launchers.ray.objects import ObjectTable
 from forkref._launchers.ray.pickler import RayTaskEncoder
+from forkref._launchers.ray.placement import Shortage, actor_placed
 from forkref._launchers.ray.session import RaySession, import_ray
 from forkref._memory.report import ProcessMemory, memory_report
 from forkref._share.autoshare import AutoSharer
 from forkref._share.taskpickle import TaskEncoder
-
-if TYPE_CHECKING:
-    from forkref._engine.generations import Generation
 
 __all__ = ["RayLauncher"]
 
@@ -82,25 +83,64 @@ class RayLauncher(Launcher):
         address: str | None = None,
         init_options: Mapping[str, Any] | None = None,
         actor_options: Mapping[str, Any] | None = None,
+        placement_timeout: float | None = None,
     ) -> None:
+        """Join or start Ray now, in the pool's constructor, and size the workers' actors.
+
+        ``placement_timeout``: seconds a worker's actor may wait for Ray to
+        place it; None: :data:`~forkref._launchers.ray.placement.PLACEMENT_TIMEOUT`
+        as it is when the pool is made.
+
+        Raises:
+            Error: Ray is missing, cannot be started or reached, or has fewer
+                CPUs than the pool's workers ask for.
+        """
         self.ray = import_ray()  # at the pool's creation: a missing Ray is said at once
         self.processes = processes
         self.setup = setup
-        self.address = address
-        self.init_options = dict(init_options or {})
+        if placement_timeout is None:
+            placement_timeout = placement.PLACEMENT_TIMEOUT
         self.actor_options: dict[str, Any] = {
-            "num_cpus": 1,
             "max_restarts": 0,
             "max_task_retries": 0,
             # One worker per node before two on one: a pool of N on a cluster spreads out.
             "scheduling_strategy": "SPREAD",
         }
         self.actor_options.update(actor_options or {})
-        self.session: RaySession | None = None
         self.objects = ObjectTable(self.ray)
-        self.local_node: str | None = None
-        self._actor_class: Any = None
         self.channels: list[RayChannel] = []
+        self.session = RaySession(address, init_options)
+        try:
+            self.actor_options["num_cpus"] = self._cpus_per_worker()
+            self.local_node: str | None = self.ray.get_runtime_context().get_node_id()
+            from forkref._launchers.ray.actor import RayWorker
+
+            self._actor_class = self.ray.remote(RayWorker).options(**self.actor_options)
+        except BaseException:
+            self.session.close()
+            raise
+        self._pool = PoolSide(
+            self.ray, self.objects, self.local_node, placement_timeout, self._why_unplaced
+        )
+
+    def _cpus_per_worker(self) -> float:
+        """The CPUs each actor asks for (:func:`~forkref._launchers.ray.session.cpus_per_worker`).
+
+        A cluster the user chose (not the private instance, which is sized
+        to the machine and shared) must have a CPU per worker, as
+        ``ray.util.multiprocessing.Pool`` requires: more workers than CPUs
+        there is a sizing mistake to say at once.
+        """
+        asked = self.actor_options.get("num_cpus")
+        total, _ = self.session.cpus()
+        need = self.processes * (1 if asked is None else asked)
+        if total < need and (asked is not None or not self.session.private):
+            raise Error(
+                f"the Ray cluster has {total:g} CPUs and a backend='ray' pool of "
+                f"{self.processes} workers needs {need:g} (one per worker): its workers would "
+                "wait for ever. Use fewer processes, or add nodes to the cluster"
+            )
+        return self.session.claim(self.processes, asked)
 
     @property
     def carries_references(self) -> bool:
@@ -112,29 +152,7 @@ class RayLauncher(Launcher):
         return RayTaskEncoder(sharer)
 
     def start_generation(self, gen: Generation) -> None:
-        """Connect to Ray (or start it), at the pool's first task; there is one generation.
-
-        Raises:
-            Error: Ray cannot be started or reached, or has fewer CPUs than workers.
-        """
-        if self.session is not None:
-            return
-        self.session = RaySession(self.processes, self.address, self.init_options)
-        ray = self.ray
-        cpus = ray.cluster_resources().get("CPU", 0)
-        need = self.processes * self.actor_options.get("num_cpus", 1)
-        if cpus < need:
-            self.session.close()
-            self.session = None
-            raise Error(
-                f"the Ray cluster has {cpus:g} CPUs and a backend='ray' pool of "
-                f"{self.processes} workers needs {need:g} (one per worker): its workers would "
-                "wait for ever. Use fewer processes, or add nodes to the cluster"
-            )
-        self.local_node = ray.get_runtime_context().get_node_id()
-        from forkref._launchers.ray.actor import RayWorker
-
-        self._actor_class = ray.remote(RayWorker).options(**self.actor_options)
+        """Nothing to start: Ray was joined in the constructor, and there is one generation."""
 
     def launch(self, gen: Generation, wid: int) -> Channel | None:
         """Create one actor (Ray schedules it asynchronously) and its channel.
@@ -142,7 +160,8 @@ class RayLauncher(Launcher):
         None (the engine tries again at its next round) while the cluster has
         no free CPU for it: after a node is lost, an actor created then would
         wait for resources, and the tasks sent to it with it; the pool runs
-        on the workers it has meanwhile.
+        on the workers it has meanwhile. The first actor is always created:
+        if Ray cannot place it, its channel says so after the bound.
         """
         if self.channels and not self._room_for_one():
             return None
@@ -153,16 +172,39 @@ class RayLauncher(Launcher):
                 f"cannot create a Ray actor for a pool worker: {err!r}. The initializer and "
                 "its arguments must be serializable by Ray (cloudpickle)"
             ) from err
-        channel = RayChannel(self.ray, self.objects, self.local_node, wid, actor)
+        channel = RayChannel(self._pool, wid, actor)
         self.channels.append(channel)
         return channel
 
     def _room_for_one(self) -> bool:
         try:
-            free = self.ray.available_resources().get("CPU", 0)
+            _, free = self.session.cpus()
         except Exception:  # cannot tell: let Ray queue it
             return True
-        return bool(free >= self.actor_options.get("num_cpus", 1))
+        return bool(free >= self.actor_options["num_cpus"])
+
+    @staticmethod
+    def _placed(channel: RayChannel) -> bool:
+        """The channel's actor has its CPUs: it answered, or Ray gave it a process."""
+        return channel.ready or (channel.alive() and actor_placed(channel.actor_id) is True)
+
+    def _why_unplaced(self, channel: RayChannel) -> str | None:
+        """The pool's error if ``channel``'s actor waits for CPUs that are not free; else None."""
+        if actor_placed(channel.actor_id) is not False:
+            return None  # placed (its initializer may be slow), or Ray would not tell
+        total, free = self.session.cpus()
+        pools, held = self.session.other_pools()
+        shortage = Shortage(
+            processes=self.processes,
+            running=sum(1 for c in self.channels if c is not channel and self._placed(c)),
+            each=self.actor_options["num_cpus"],
+            total=total,
+            free=free,
+            other_pools=pools,
+            held_by_them=held,
+            seconds=round(time.monotonic() - channel.created),
+        )
+        return shortage.message(channel.actor_id) if shortage.hopeless() else None
 
     def startup_hint(self) -> str:
         return (
@@ -174,13 +216,13 @@ class RayLauncher(Launcher):
         """The parent (psutil here), each actor (measured in the actor), each node's store."""
         parent = memory_report({os.getpid(): roles.get(os.getpid(), "parent")})
         actors, missing = self._actor_memory()
-        stores, why = object_store_use(self.ray) if self.session else ((), "Ray is not started")
+        stores, why = object_store_use(self.ray)
         return RayMemoryReport(parent.processes + actors, parent.missing + missing, stores, why)
 
     def _actor_memory(
         self, timeout: float = 10.0
     ) -> tuple[tuple[ProcessMemory, ...], tuple[int, ...]]:
-        live = [c for c in self.channels if c._actor is not None and c._alive()]
+        live = [c for c in self.channels if c._actor is not None and c.alive()]
         futures = [c._actor.memory.remote() for c in live]
         ready, _ = self.ray.wait(futures, num_returns=len(futures), timeout=timeout)
         done = set(ready)
@@ -205,5 +247,4 @@ class RayLauncher(Launcher):
             channel.close()
         self.channels.clear()
         self.objects.clear()
-        if self.session is not None:
-            self.session.close()
+        self.session.close()

@@ -14,7 +14,7 @@ from forkref._memory.report import MemoryReport
 __all__ = ["ObjectStoreUse", "RayMemoryReport", "object_store_use"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ObjectStoreUse:
     """One Ray node's object store, in bytes, as its raylet last reported it (about every second).
 
@@ -33,8 +33,14 @@ class ObjectStoreUse:
     used: int
     capacity: int
 
+    def __repr__(self) -> str:
+        return (
+            f"<forkref.ObjectStoreUse node {self.node_ip} ({self.node_id[:8]}): "
+            f"{self.used / 2**20:,.1f} of {self.capacity / 2**20:,.1f} MiB used>"
+        )
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class RayMemoryReport(MemoryReport):
     """:class:`forkref.MemoryReport` of a Ray pool's workers, plus the object stores.
 
@@ -50,6 +56,22 @@ class RayMemoryReport(MemoryReport):
 
     object_stores: tuple[ObjectStoreUse, ...] = ()
     object_store_error: str | None = None
+
+    def table(self) -> str:
+        """The workers' table, then one line per node's object store (or why there is none)."""
+        lines = [super().table()]
+        for store in self.object_stores:
+            lines.append(
+                f"object store {store.node_ip}: {store.used / 2**20:,.1f} of "
+                f"{store.capacity / 2**20:,.1f} MiB used"
+            )
+        if self.object_store_error:
+            lines.append(f"object stores: {self.object_store_error}")
+        return "\n".join(lines)
+
+    def _repr_extra(self) -> str:
+        used = sum(store.used for store in self.object_stores)
+        return f"{super()._repr_extra()}, object stores {used / 2**20:,.1f} MiB used"
 
 
 def object_store_use(ray: types.ModuleType) -> tuple[tuple[ObjectStoreUse, ...], str | None]:

@@ -1,8 +1,9 @@
 """``forkref bench``: forkref against the other ways, on the user's machine.
 
 Modules: :mod:`.data` (data and task functions, shared with ``benchmarks/``),
-:mod:`.tasks` (what workers run), :mod:`.registry` (workloads, methods),
-:mod:`.workloads`, :mod:`.methods` (the contenders), :mod:`.runner` (a
+:mod:`.tasks` (what workers run), :mod:`.registry` (what a workload and a
+method are, and their tables), :mod:`.workloads`, :mod:`.methods` (the
+contenders, filling the tables), :mod:`.catalog` (loads both), :mod:`.runner` (a
 fresh process per run, checks, memory, timeouts) and :mod:`.report` (table,
 JSON, chart).
 

@@ -10,8 +10,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from forkref._pools.progress import Progress
+from forkref._tools.bench.catalog import load
 from forkref._tools.bench.data import parse_size
-from forkref._tools.bench.registry import METHODS, WORKLOADS, Config, load
+from forkref._tools.bench.registry import METHODS, WORKLOADS, Config
 from forkref._tools.bench.report import BenchReport, MissingDependencyError, need, plot, table
 from forkref._tools.bench.runner import Outcome, run_all
 

@@ -13,6 +13,10 @@ and receives a :class:`Run`: the data, the configuration, the number of
 tasks to run, and two calls: ``untimed()`` for set-up the clock must not
 count, and ``checkpoint()`` to have the parent read the workers' memory while
 they still hold the data.
+
+The tables are filled by :mod:`.workloads` and :mod:`.methods`, which import
+this module; :func:`forkref._tools.bench.catalog.load` imports them. Nothing
+here imports either.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ __all__ = [
     "Run",
     "Workload",
     "implements",
-    "load",
     "method",
 ]
 
@@ -144,12 +147,6 @@ class Method:
 
 WORKLOADS: dict[str, Workload] = {}
 METHODS: dict[str, Method] = {}
-
-
-def load() -> None:
-    """Fill both registries (their modules register on import). Idempotent."""
-    import forkref._tools.bench.methods
-    import forkref._tools.bench.workloads  # noqa: F401
 
 
 def method(
