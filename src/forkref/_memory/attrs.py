@@ -64,8 +64,8 @@ def compact_attrs(
     read them without copying them, forked or spawned.
 
     Returns:
-        What was converted: ``{attribute name: number of items}``; empty
-        when nothing was big enough.
+        A dict mapping the name of each converted attribute to its number
+        of items, empty when nothing was big enough.
 
     Raises:
         CompactError: an attribute holds an item that cannot be pickled, or
