@@ -33,8 +33,16 @@ def test_text_names_every_fact_and_verdict() -> None:
     done = _run()
     assert done.returncode == 0, done.stderr
     text = done.stdout
-    for label in ("Python", "Start methods", "Shared memory", "Huge pages", "Threads",
-                  "Packages", "Notebook", "Verdicts"):
+    for label in (
+        "Python",
+        "Start methods",
+        "Shared memory",
+        "Huge pages",
+        "Threads",
+        "Packages",
+        "Notebook",
+        "Verdicts",
+    ):
         assert f"\n{label}" in text, label
     for capability in ("fork inheritance", "shared memory", "compact containers", "Ray backend"):
         assert f"{capability}: " in text
@@ -53,13 +61,16 @@ def test_json_has_the_facts_and_the_verdicts() -> None:
     assert facts["start_methods"]["default"] in facts["start_methods"]["available"]
     assert facts["shared_memory"]["directory"]
     assert facts["shared_memory"]["free_bytes"] > 0
-    assert set(facts["huge_pages"]) == {"anonymous", "shmem", "notes"}
+    assert set(facts["huge_pages"]) == {"anonymous", "shmem", "defrag", "notes"}
     assert facts["threads"]["python"] == ["MainThread"]
     assert facts["packages"]["psutil"]
     assert facts["packages"]["tqdm"]
     assert facts["notebook"]["notebook"] is False
     assert [v["capability"] for v in data["verdicts"]] == [
-        "fork inheritance", "shared memory", "compact containers", "Ray backend"
+        "fork inheritance",
+        "shared memory",
+        "compact containers",
+        "Ray backend",
     ]
     assert _verdict(data, "fork inheritance")["status"] == "ok"
     assert _verdict(data, "compact containers")["status"] == "ok"
@@ -129,3 +140,19 @@ def test_huge_page_modes_are_explained(monkeypatch: pytest.MonkeyPatch, mode: st
     if mode == "always":
         assert fork.fix is not None
         assert "madvise" in fork.fix
+
+
+def test_huge_page_facts_read_the_machine_and_say_what_fork_costs() -> None:
+    from forkref._tools import doctor as _doctor
+
+    thp = "/sys/kernel/mm/transparent_hugepage"
+    if not os.path.exists(f"{thp}/defrag"):
+        pytest.skip("no transparent huge pages on this kernel")
+    with open(f"{thp}/defrag") as fh:
+        text = fh.read()
+    facts = _doctor._huge_pages()
+    assert facts["defrag"] == text[text.index("[") + 1 : text.index("]")]
+    assert any(n.startswith(f"defrag: {facts['defrag']}") for n in facts["notes"])
+    if facts["anonymous"] in ("madvise", "never"):
+        assert any("page tables per GiB" in n for n in facts["notes"])
+    assert f"defrag: {facts['defrag']}" in _doctor.render(_doctor.diagnose())

@@ -26,7 +26,7 @@ def test_print_pool_memory_shows_a_table_of_every_process() -> None:
     table = str(report)
     assert table == report.table()
     lines = table.splitlines()
-    assert lines[0].split() == ["pid", "role", "rss", "uss", "pss", "shared"]
+    assert lines[0].split() == ["pid", "role", "rss", "uss", "pss", "shared", "segments", "own_uss"]
     for pid in [os.getpid(), *pids]:
         assert any(line.split()[0] == str(pid) for line in lines[1:]), (pid, table)
     assert lines[len(report.processes) + 1].split()[0] == "total"

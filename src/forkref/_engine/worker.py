@@ -53,7 +53,7 @@ from forkref._engine.wire import (
 from forkref._errors import Error, ResultPicklingError
 from forkref._refs.registry import set_pool_worker
 from forkref._share.taskpickle import CALL, MAP
-from forkref._shm import export
+from forkref._shm import autoresult, export
 
 __all__ = [
     "MAX_FUNCTIONS",
@@ -83,6 +83,8 @@ class WorkerSetup:
         start_method: the pool's start method, for error messages.
         executor: ``concurrent.futures`` semantics (log a failing initializer
             through its logger, as the stdlib does) instead of ``multiprocessing.Pool``'s.
+        result_threshold: numpy/pandas/arrow parts of a result this big or bigger
+            go back through shared memory (``forkref._shm.autoresult``); None: never.
     """
 
     initializer: Callable[..., object] | None
@@ -90,6 +92,7 @@ class WorkerSetup:
     max_tasks: int | None
     start_method: str
     executor: bool
+    result_threshold: int | None = autoresult.DEFAULT_THRESHOLD
 
 
 def worker_loop(fd: int, setup: WorkerSetup) -> None:
@@ -116,6 +119,7 @@ def worker_loop(fd: int, setup: WorkerSetup) -> None:
         reply_op, body = _run_task(functions, memoryview(message)[HDR.size :], setup)
         del message
         send(fd, HDR.pack(ident, reply_op), body)
+        autoresult.sent()  # its result segments now wait for the parent, not this worker
         done += 1
     send(fd, HDR.pack(0, RETIRE))
 
@@ -189,7 +193,8 @@ def _run_task(functions: Functions, body: memoryview, setup: WorkerSetup) -> tup
         fn = functions.get(fn_id)
     except BaseException as err:
         return error_reply(Error(_unpickle_failure(err, setup.start_method)))
-    return execute(kind, fn, data)
+    threshold = setup.result_threshold
+    return execute(kind, fn, data, lambda obj: autoresult.dumps(obj, threshold))
 
 
 def _dumps(obj: object) -> bytes:

@@ -13,7 +13,11 @@ does this cost" are:
   of processes sharing it. PSS adds up across processes to the real total.
 
 All figures come from psutil (``Process.memory_full_info()``, which reads
-``/proc/<pid>/smaps_rollup`` on Linux); nothing here parses /proc itself.
+``/proc/<pid>/smaps_rollup`` on Linux), except the segment split: the pages of
+forkref's shared-memory segments, which a spawn worker reading a shared array
+zero-copy maps from the tmpfs, are counted from ``/proc/<pid>/smaps`` apart
+from the process's own memory (``segment_*`` fields, ``own_uss``), so a
+worker that touched a segment first does not look like it copied it.
 
 Non-goals: this is not a profiler (it says how much, not which objects), and
 it does not attribute shared pages to the object that owns them.
@@ -36,6 +40,7 @@ from forkref._errors import MemoryAccessError, MemoryReportError
 from forkref._fork.atfork import pause_at_every_fork
 from forkref._fork.safe import register_pausable
 from forkref._os import wait_os_thread_gone
+from forkref._shm.segments import segment_dir
 
 __all__ = ["MemoryReport", "MemorySampler", "ProcessMemory", "memory_report"]
 
@@ -72,6 +77,16 @@ class ProcessMemory:
             pages it has only read. (Not psutil's ``shared``, which counts only
             file-backed and shared-memory pages.)
         swap: bytes of this process swapped out to disk.
+        segment_rss: the part of ``rss`` that is forkref's shared-memory
+            segments (files of the segment directory, ``FORKREF_SHM_DIR`` or
+            ``/dev/shm``, mapped by a spawn/forkserver worker reading a shared
+            object zero-copy, or by the parent exporting it). These pages live
+            in the tmpfs, not in the process's heap.
+        segment_pss: the part of ``pss`` that is segment pages.
+        segment_uss: the part of ``uss`` that is segment pages: pages of a
+            segment that only this process has touched so far. They count as
+            private, but they are the shared object's, and another reader
+            would share them.
     """
 
     __module__ = "forkref"
@@ -83,6 +98,19 @@ class ProcessMemory:
     pss: int
     shared: int
     swap: int
+    segment_rss: int = 0
+    segment_pss: int = 0
+    segment_uss: int = 0
+
+    @property
+    def own_uss(self) -> int:
+        """``uss`` less the segment pages: the process's own private memory (heap, copies)."""
+        return max(self.uss - self.segment_uss, 0)
+
+    @property
+    def own_pss(self) -> int:
+        """``pss`` less the segment pages' share."""
+        return max(self.pss - self.segment_pss, 0)
 
     def peak_with(self, other: ProcessMemory) -> ProcessMemory:
         """Field-by-field maximum of two samples of the same process."""
@@ -94,13 +122,17 @@ class ProcessMemory:
             pss=max(self.pss, other.pss),
             shared=max(self.shared, other.shared),
             swap=max(self.swap, other.swap),
+            segment_rss=max(self.segment_rss, other.segment_rss),
+            segment_pss=max(self.segment_pss, other.segment_pss),
+            segment_uss=max(self.segment_uss, other.segment_uss),
         )
 
     def __repr__(self) -> str:
         return (
             f"<forkref.ProcessMemory pid {self.pid} ({self.role}): uss {_mib(self.uss)}, "
             f"pss {_mib(self.pss)}, rss {_mib(self.rss)}, shared {_mib(self.shared)}, "
-            f"swap {_mib(self.swap)}>"
+            f"swap {_mib(self.swap)}, segments {_mib(self.segment_rss)} "
+            f"(own uss {_mib(self.own_uss)})>"
         )
 
 
@@ -170,18 +202,28 @@ class MemoryReport:
         printer.text(repr(self) if cycle else self.table())
 
     def table(self) -> str:
-        """The report as a fixed-width text table in MiB, one line per process."""
+        """The report as a fixed-width text table in MiB, one line per process.
+
+        ``segments`` is the resident part of forkref's shared-memory segments
+        (:attr:`ProcessMemory.segment_rss`), ``own uss`` the private memory
+        that is not segment pages (:attr:`ProcessMemory.own_uss`).
+        """
         width = max([10, *(len(p.role) for p in self.processes)])
-        lines = [f"{'pid':>8} {'role':<{width}} {'rss':>9} {'uss':>9} {'pss':>9} {'shared':>9}"]
+        lines = [
+            f"{'pid':>8} {'role':<{width}} {'rss':>9} {'uss':>9} {'pss':>9} {'shared':>9} "
+            f"{'segments':>9} {'own_uss':>9}"
+        ]
         for p in self.processes:
             lines.append(
                 f"{p.pid:>8} {p.role:<{width}} {p.rss / _MiB:>9.1f} {p.uss / _MiB:>9.1f} "
-                f"{p.pss / _MiB:>9.1f} {p.shared / _MiB:>9.1f}"
+                f"{p.pss / _MiB:>9.1f} {p.shared / _MiB:>9.1f} {p.segment_rss / _MiB:>9.1f} "
+                f"{p.own_uss / _MiB:>9.1f}"
             )
+        own = sum(p.own_uss for p in self.processes)
         lines.append(
             f"{'total':>8} {'':<{width}} {self.total_rss / _MiB:>9.1f} "
-            f"{self.total_uss / _MiB:>9.1f} {self.total_pss / _MiB:>9.1f}   "
-            "(MiB; total rss over-counts shared pages)"
+            f"{self.total_uss / _MiB:>9.1f} {self.total_pss / _MiB:>9.1f} {'':>9} {'':>9} "
+            f"{own / _MiB:>9.1f}   (MiB; total rss over-counts shared pages)"
         )
         if self.missing:
             lines.append(f"exited before they could be read: {list(self.missing)}")
@@ -231,6 +273,7 @@ def _read(pid: int, role: str) -> ProcessMemory | None:
             "the OS; run as the user that owns it (or root), or report only on processes "
             "you own, such as your pool's workers"
         ) from exc
+    seg_rss, seg_pss, seg_uss = _segment_pages(pid)
     return ProcessMemory(
         pid=pid,
         role=role,
@@ -239,7 +282,38 @@ def _read(pid: int, role: str) -> ProcessMemory | None:
         pss=info.pss,
         shared=max(info.rss - info.uss, 0),
         swap=info.swap,
+        segment_rss=seg_rss,
+        segment_pss=seg_pss,
+        segment_uss=seg_uss,
     )
+
+
+_SMAPS_FIELDS = {b"Rss:": 0, b"Pss:": 1, b"Private_Clean:": 2, b"Private_Dirty:": 2}
+
+
+def _segment_pages(pid: int) -> tuple[int, int, int]:
+    """Rss, Pss and private bytes of ``pid``'s mappings of segment files, from its smaps.
+
+    psutil sums smaps over every mapping; the split by file needs the
+    per-mapping lines. A segment is any file of the segment directory, named
+    or not (an unnamed one shows as ``<dir>/#<inode> (deleted)``). A process
+    that ends (or denies) meanwhile reads as no segment pages.
+    """
+    prefix = os.path.realpath(segment_dir()).encode() + b"/"
+    totals = [0, 0, 0]
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as smaps:
+            for line in smaps:
+                head = line.split(None, 1)[0] if line.strip() else b""
+                if b"-" in head and not head.endswith(b":"):  # a mapping's header line
+                    fields = line.split(None, 5)
+                    inside = len(fields) == 6 and fields[5].startswith(prefix)
+                elif inside and head in _SMAPS_FIELDS:
+                    totals[_SMAPS_FIELDS[head]] += int(line.split()[1]) * 1024
+    except OSError:
+        return 0, 0, 0
+    return totals[0], totals[1], totals[2]
 
 
 def memory_report(pids: Pids, *, roles: Mapping[int, str] | None = None) -> MemoryReport:

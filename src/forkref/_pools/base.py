@@ -23,10 +23,12 @@ from forkref._launchers.choose import launcher_for
 from forkref._memory.report import MemoryReport
 from forkref._pools.progress import Progress, ProgressOption, fork_guard
 
-__all__ = ["DEFAULT_THRESHOLD", "PoolBase"]
+__all__ = ["DEFAULT_RESULT_THRESHOLD", "DEFAULT_THRESHOLD", "PoolBase"]
 
 #: Arguments estimated above this many bytes are candidates for by-reference.
 DEFAULT_THRESHOLD = 2**20
+#: numpy/pandas/arrow parts of results this big come back through shared memory.
+DEFAULT_RESULT_THRESHOLD = 2**20
 _PIDS_WAIT = 5.0  # seconds to wait for the workers' pids to be known
 
 
@@ -48,14 +50,18 @@ class PoolBase:
         auto_share: bool,
         backend: str = "local",
         address: str | None = None,
+        result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if share_threshold is not None and share_threshold < 0:
-            raise ValueError("share_threshold must be a number of bytes >= 0, or None")
+        for name, value in (("share", share_threshold), ("result", result_threshold)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}_threshold must be a number of bytes >= 0, or None")
         context = context if context is not None else default_context()
         # launcher_for sets the start method the workers really use.
-        setup = WorkerSetup(initializer, tuple(initargs), max_tasks, "", executor_semantics)
+        setup = WorkerSetup(
+            initializer, tuple(initargs), max_tasks, "", executor_semantics, result_threshold
+        )
         self._engine = Engine(
             launcher_for(backend, processes, context, setup, address),
             context,

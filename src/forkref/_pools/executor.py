@@ -35,7 +35,12 @@ from typing import Any, TypeVar
 
 from forkref._engine.model import Cancelled
 from forkref._errors import BrokenPoolError, ReleasedError, TaskPicklingError
-from forkref._pools.base import DEFAULT_THRESHOLD, EngineLifetime, PoolBase
+from forkref._pools.base import (
+    DEFAULT_RESULT_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    EngineLifetime,
+    PoolBase,
+)
 from forkref._pools.progress import Progress, ProgressOption, counted
 from forkref._pools.results import chunked
 from forkref._share.taskpickle import CALL, STARMAP
@@ -91,6 +96,8 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             one is forked from the generation's snapshot (works with fork).
         share_threshold: see :class:`forkref.Pool` (default 1 MiB; ``None``: off).
         auto_share: see :class:`forkref.Pool`.
+        result_threshold: big numpy/pandas/arrow results come back through
+            shared memory; see :class:`forkref.Pool` (default 1 MiB; ``None``: off).
         backend: ``"local"`` or ``"ray"``; see :class:`forkref.Pool`.
         address: the Ray cluster for ``backend="ray"``; see :class:`forkref.Pool`.
     """
@@ -109,6 +116,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         auto_share: bool = False,
         backend: str = "local",
         address: str | None = None,
+        result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -131,6 +139,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             auto_share=auto_share,
             backend=backend,
             address=address,
+            result_threshold=result_threshold,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False

@@ -35,7 +35,7 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, TypeVar
 
-from forkref._pools.base import DEFAULT_THRESHOLD, PoolBase
+from forkref._pools.base import DEFAULT_RESULT_THRESHOLD, DEFAULT_THRESHOLD, PoolBase
 from forkref._pools.progress import ProgressOption
 from forkref._pools.results import AsyncResult, IMapIterator, MapResult, guarded_tasks
 from forkref._share.taskpickle import CALL, MAP, STARMAP, FnBlob
@@ -62,6 +62,12 @@ class Pool(PoolBase):
         auto_share: send big *mutable* arguments (numpy arrays, DataFrames,
             lists, dicts) by reference too; workers then see them as they
             were when the workers forked (snapshot semantics).
+        result_threshold: numpy arrays, pandas DataFrames/Series and arrow
+            tables or arrays of at least this many bytes in a task's result
+            come back through shared memory instead of the pipe, with no
+            change to the task; in the parent each is an ordinary writable
+            object of its own (a private copy-on-write mapping). Default 1 MiB;
+            ``None``: results are pickled through the pipe, as the stdlib does.
         backend: ``"local"`` (processes on this machine) or ``"ray"``: the
             workers are Ray actors and shared objects go through Ray's
             object store, once per pool (``pip install 'forkref[ray]'``).
@@ -88,6 +94,7 @@ class Pool(PoolBase):
         auto_share: bool = False,
         backend: str = "local",
         address: str | None = None,
+        result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
     ) -> None:
         if processes is None:
             processes = os.cpu_count() or 1
@@ -109,6 +116,7 @@ class Pool(PoolBase):
             auto_share=auto_share,
             backend=backend,
             address=address,
+            result_threshold=result_threshold,
         )
         self._state = "RUN"
         self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()

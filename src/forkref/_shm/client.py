@@ -9,10 +9,12 @@ sizes both sides use :mod:`forkref._shm.protocol`)::
       cached under ref?  -> the object
       link to the sharing process (one connection per sharing process, kept open):
         connect, check that the peer is the sharing process and of this user
-        send the reference; receive {"size","serial","slot"} + the segment's fd
+        send the reference; receive {"size","serial","slot","gen"} + the segment's fd
         (and, first time, the board's fd: mapped read-only, kept)
       the same export cached under another reference (a later share() of the
-        same object)? -> that object; else map read-only, rebuild zero-copy, cache
+        same object)? -> that object; else map read-only, locked against reuse
+        while mapped (forkref._shm.warm), check the generation, rebuild
+        zero-copy, cache
     before_task()     (forkref's worker loop, before each task; cheap)
       one word per sharing process compared; a sweep only when it moved
 
@@ -44,7 +46,7 @@ from typing import Any
 
 from forkref._errors import Error, NotInheritedError, SharedMemoryError, SharedMemoryFullError
 from forkref._refs.registry import Reference
-from forkref._shm import segments, serialize
+from forkref._shm import segments, serialize, warm
 from forkref._shm.protocol import (
     BOARD_BYTES,
     FDS_PER_REPLY,
@@ -209,7 +211,7 @@ def _fetch_uncached(ref: Reference) -> object:
         serial, slot, size = reply["serial"], reply["slot"], reply["size"]
         cached = link.entries.get(serial)
         if cached is None:
-            obj, mapping = _map_and_rebuild(fds[0], size)
+            obj, mapping = _map_and_rebuild(fds[0], size, reply["gen"])
             cached = link.entries[serial] = _Cached(obj, serial, slot, mapping)
             del obj, mapping
             _fetches += 1
@@ -222,13 +224,18 @@ def _fetch_uncached(ref: Reference) -> object:
     return cached.obj
 
 
-def _map_and_rebuild(fd: int, size: int) -> tuple[object, mmap.mmap]:
+def _map_and_rebuild(fd: int, size: int, generation: int) -> tuple[object, mmap.mmap]:
     try:
-        mapping = segments.map_readonly(fd, size)
+        mapping = warm.map_for_reading(fd, size, generation)
     except (OSError, ValueError) as err:
         raise _os_error("map its segment", err) from err
     try:
-        return serialize.rebuild(mapping), mapping
+        return serialize.rebuild(mapping, generation), mapping
+    except serialize.SegmentReused as err:
+        mapping.close()
+        raise FetchError(
+            f"it was released while this process fetched it ({err})", "", NotInheritedError
+        ) from err
     except Exception as err:
         raise FetchError(
             f"this process could not rebuild it from shared memory ({err!r})",
@@ -346,7 +353,7 @@ def _parse_reply(data: bytes, fds: list[int]) -> dict[str, Any]:
         if "error" in msg:
             kind = _KINDS.get(str(msg.get("type")), NotInheritedError)
             raise FetchError(str(msg["error"]), "" if msg.get("own_fix", True) else None, kind)
-        for field in ("size", "serial", "slot"):
+        for field in ("size", "serial", "slot", "gen"):
             msg[field] = int(msg[field])
         if not fds:
             raise FetchError("the sharing process sent no segment", "", NotInheritedError)

@@ -36,6 +36,11 @@ Package API (everything else is private):
     check_space(nbytes, what) -> None                 raises SharedMemoryFullError
     create_anonymous(nbytes, what) -> int (fd)
     create_named(nbytes, what) -> (path, fd)         janitor-watched
+    publish(fd, what) -> path                        an anonymous segment, once written,
+                                                     under a result name, unlinked if its
+                                                     writer dies before hand_over()
+    hand_over(paths) -> None                         the reply naming them is sent: keep
+                                                     them while the parent lives too
     write_at(fd, offset, data, what) -> None
     map_readonly(fd, size) -> mmap.mmap
     open_and_unlink(path, what) -> (fd, size)
@@ -66,8 +71,10 @@ __all__ = [
     "check_space",
     "create_anonymous",
     "create_named",
+    "hand_over",
     "map_readonly",
     "open_and_unlink",
+    "publish",
     "segment_dir",
     "write_at",
 ]
@@ -162,6 +169,43 @@ def create_named(nbytes: int, what: str) -> tuple[str, int]:
         raise
     _truncate(fd, nbytes, what, directory, path)
     return path, fd
+
+
+def publish(fd: int, what: str) -> str:
+    """Give a written anonymous segment a result name; return the path.
+
+    For results written before they have a name: a writer that dies while
+    writing leaves nothing behind (the segment never had a name), and one
+    that dies before :func:`hand_over` leaves nothing either (the janitor
+    watches the writer alone until then). Linux only (``O_TMPFILE`` and
+    ``/proc``); elsewhere raises :class:`SharedMemoryError`.
+    """
+    directory = segment_dir()
+    path = os.path.join(directory, RESULT_PREFIX + secrets.token_hex(16))
+    try:
+        # With a dir_fd, os.link calls linkat(AT_SYMLINK_FOLLOW); without, link(),
+        # which would link the /proc symlink itself (EXDEV).
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise SharedMemoryError(
+            f"cannot name the segment for {what} in {directory!r}: {err}"
+        ) from err
+    try:
+        _janitor_watch(path, what, [os.getpid()])
+    except BaseException:
+        unlink_quietly(path)
+        raise
+    return path
+
+
+def hand_over(paths: list[str]) -> None:
+    """The reply naming ``paths`` is on its way: the janitor now waits for the parent too."""
+    for path in paths:
+        _janitor_watch(path, "a result")
 
 
 def _create_exclusive(directory: str, prefix: str, what: str) -> tuple[str, int]:
@@ -325,8 +369,9 @@ def _exists(pid: int | None) -> bool:
     return True
 
 
-def _janitor_watch(path: str, what: str) -> None:
-    line = json.dumps({"path": path, "pids": _watched_pids()}).encode() + b"\n"
+def _janitor_watch(path: str, what: str, pids: list[int] | None = None) -> None:
+    # A second line for a path replaces its pids (the janitor keeps the last).
+    line = json.dumps({"path": path, "pids": pids or _watched_pids()}).encode() + b"\n"
     with _janitor_lock:
         fd = _janitor_fd if _janitor_fd is not None else _start_janitor()
         _remember(path, line)

@@ -5,14 +5,18 @@ contiguous buffers (numpy arrays, pandas blocks, arrow buffers), handed over
 as ``PickleBuffer`` objects instead of copied into the stream. Here both go
 into one segment::
 
-    0        header: magic, buffer count, in-band offset and length,
-             then (offset, length) of every buffer
+    0        header: magic, generation, buffer count, in-band offset and
+             length, then (offset, length) of every buffer
     64*k     in-band pickle stream
     64*k'    buffer 0      each buffer starts on a 64-byte boundary
     64*k''   buffer 1      (cache lines; SIMD kernels and arrow like them)
     ...
 
-The segment is self-describing: a reader needs only the mapping. Rebuilding
+The segment is self-describing: a reader needs only the mapping. The
+*generation* names one use of a segment the warm store reuses
+(:mod:`forkref._shm.warm`): a reader that expects another generation refuses
+the segment, so a reused segment never passes one object's bytes off as
+another's. Rebuilding
 hands ``pickle.loads`` read-only slices of the mapping as the buffers, so
 numpy arrays, pandas blocks and arrow buffers point straight into the shared
 pages (zero copy) and are read-only: numpy refuses writes, pandas
@@ -23,8 +27,11 @@ as a dict) is deserialized, once per process by the callers' caches.
 
 Package API:
     Plan, plan(obj) -> Plan            pickle without copying buffers; plan the layout
-    write(plan, fd, what) -> None      copy the plan into a segment of plan.size bytes
-    rebuild(mapping) -> object         zero-copy rebuild from a read-only mapping
+    write(plan, fd, what, gen=0)       copy the plan into a fresh segment (pwrite)
+    write_into(plan, view, gen)        copy it into a mapped segment being reused,
+                                       zeroing every byte between the parts
+    rebuild(mapping, gen=None)         zero-copy rebuild from a read-only mapping;
+                                       SegmentReused if the generation differs
 
 Limits: only contiguous buffers are zero-copy. Python objects inside a
 container are pickled in band and rebuilt in every process that reads the
@@ -46,11 +53,12 @@ from dataclasses import dataclass
 from forkref._errors import SharedMemoryError
 from forkref._shm import segments
 
-__all__ = ["ALIGN", "Plan", "plan", "rebuild", "write"]
+__all__ = ["ALIGN", "Plan", "SegmentReused", "plan", "rebuild", "write", "write_into"]
 
 ALIGN = 64
-_MAGIC = b"FORKREF\x01"
-_HEAD = struct.Struct("<8sQQQ")  # magic, buffer count, in-band offset, in-band length
+_MAGIC = b"FORKREF\x02"
+# magic, generation, buffer count, in-band offset, in-band length
+_HEAD = struct.Struct("<8sQQQQ")
 _SPAN = struct.Struct("<QQ")  # offset, length of one buffer
 
 
@@ -76,9 +84,11 @@ class Plan:
     inband_offset: int
     size: int
 
-    def header(self) -> bytes:
-        """The segment header describing this layout."""
-        head = _HEAD.pack(_MAGIC, len(self.buffers), self.inband_offset, len(self.inband))
+    def header(self, generation: int = 0) -> bytes:
+        """The segment header describing this layout, for use ``generation``."""
+        head = _HEAD.pack(
+            _MAGIC, generation, len(self.buffers), self.inband_offset, len(self.inband)
+        )
         spans = b"".join(
             _SPAN.pack(off, buf.nbytes) for off, buf in zip(self.offsets, self.buffers, strict=True)
         )
@@ -115,33 +125,80 @@ def plan(obj: object) -> Plan:
     return Plan(inband, tuple(buffers), tuple(offsets), inband_offset, max(cursor, ALIGN))
 
 
-def write(p: Plan, fd: int, what: str) -> None:
-    """Copy the header, the in-band stream and every buffer into segment ``fd``."""
-    segments.write_at(fd, 0, p.header(), what)
+class SegmentReused(SharedMemoryError):
+    """The segment holds another generation than the reader was promised."""
+
+
+def write(p: Plan, fd: int, what: str, generation: int = 0) -> None:
+    """Copy the header, the in-band stream and every buffer into the fresh segment ``fd``."""
+    segments.write_at(fd, 0, p.header(generation), what)
     segments.write_at(fd, p.inband_offset, p.inband, what)
     for off, buf in zip(p.offsets, p.buffers, strict=True):
         segments.write_at(fd, off, buf, what)
 
 
-def rebuild(mapping: mmap.mmap) -> object:
+def write_into(p: Plan, view: memoryview, generation: int, end: int) -> None:
+    """Copy the plan into ``view`` (a writable mapping of a segment being reused).
+
+    Every byte up to ``end`` that the plan does not cover (alignment gaps,
+    the rest of the last page) is zeroed: a reader of this use must not find
+    bytes of an earlier one, even between the parts.
+    """
+    parts: list[tuple[int, bytes | memoryview]] = [
+        (0, p.header(generation)),
+        (p.inband_offset, p.inband),
+        *zip(p.offsets, p.buffers, strict=True),
+    ]
+    cursor = 0
+    for off, data in parts:
+        _zero(view, cursor, off)
+        n = memoryview(data).nbytes
+        view[off : off + n] = memoryview(data).cast("B")
+        cursor = off + n
+    _zero(view, cursor, end)
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def _zero(view: memoryview, start: int, stop: int) -> None:
+    while start < stop:
+        n = min(stop - start, len(_ZEROS))
+        view[start : start + n] = _ZEROS[:n]
+        start += n
+
+
+def rebuild(mapping: mmap.mmap, generation: int | None = None) -> object:
     """Rebuild the object in a segment; its buffers stay views of ``mapping``.
 
-    The mapping stays alive as long as any rebuilt buffer does, and is
-    unmapped when the last one dies.
+    With ``generation``, refuse (:class:`SegmentReused`) a segment written
+    for another use. The mapping stays alive as long as any rebuilt buffer
+    does, and is unmapped when the last one dies.
     """
     view = memoryview(mapping)
     try:
+        if generation is not None and _generation(view) != generation:
+            raise SegmentReused(
+                f"the segment holds generation {_generation(view)}, not {generation}: "
+                "its object was released and the segment reused"
+            )
         inband, buffers = _parts(view)
         return pickle.loads(inband, buffers=buffers)
     finally:
         view.release()
 
 
+def _generation(view: memoryview) -> int:
+    if view.nbytes < _HEAD.size:
+        return -1
+    return int(_HEAD.unpack_from(view, 0)[1])
+
+
 def _parts(view: memoryview) -> tuple[memoryview, list[memoryview]]:
     size = view.nbytes
     if size < _HEAD.size:
         raise SharedMemoryError(f"corrupt forkref segment: {size} bytes is smaller than a header")
-    magic, count, inband_off, inband_len = _HEAD.unpack_from(view, 0)
+    magic, _generation, count, inband_off, inband_len = _HEAD.unpack_from(view, 0)
     if magic != _MAGIC or _HEAD.size + count * _SPAN.size > size:
         raise SharedMemoryError("corrupt forkref segment: bad header")
     spans = [_SPAN.unpack_from(view, _HEAD.size + i * _SPAN.size) for i in range(count)]

@@ -13,7 +13,7 @@ to each other :mod:`forkref._shm.protocol`, the exports :mod:`forkref._shm.store
       holds up another                                  <---- request line (JSON reference)
       same uid? store.serve(conn, ref): the export of this
         object, made once (see forkref._shm.store)
-      reply {"size","serial","slot"} + segment fd
+      reply {"size","serial","slot","gen"} + segment fd
         (+ the board's fd, once per connection) ---------->  map it, rebuild, cache by serial
     the registry drops the last registration (store.on_drop),
       or the object dies: board[slot] = 0 ======= shared page ======> before_task(): drop it
@@ -41,6 +41,7 @@ from typing import Any
 from forkref._errors import Error, NotInheritedError, SharedMemoryError, SharedMemoryFullError
 from forkref._os import close_quietly, wait_os_thread_gone
 from forkref._refs.registry import Reference
+from forkref._shm import warm
 from forkref._shm.protocol import REQUEST_LIMIT, address, parse_request, peer, reply_line
 from forkref._shm.store import Export, ExportStore, PicklingFailed
 
@@ -177,10 +178,17 @@ class Server:
             self.store.process_pending()
 
     def _timeout(self) -> float | None:
+        # The warm store trims itself when idle: wake when a parked segment is due,
+        # and, while workers are connected (the only time anything is parked), at
+        # least every IDLE_SECONDS, since segments are parked from other threads too.
+        trim = self.store.warm.trim_idle()
+        if trim is None and self.conns:
+            trim = warm.IDLE_SECONDS
         waiting = [c.since for c in self.conns.values() if c.buf]
         if not waiting:
-            return None
-        return max(0.0, min(waiting) + _PARTIAL_REQUEST_SECONDS - time.monotonic())
+            return trim
+        partial = max(0.0, min(waiting) + _PARTIAL_REQUEST_SECONDS - time.monotonic())
+        return partial if trim is None else min(partial, trim)
 
     def _accept(self) -> None:
         while True:
@@ -249,7 +257,12 @@ class Server:
             }
             fds = []
         else:
-            reply = {"size": export.size, "serial": export.serial, "slot": export.slot}
+            reply = {
+                "size": export.size,
+                "serial": export.serial,
+                "slot": export.slot,
+                "gen": export.seg.generation,
+            }
             fds = [export.fd]
             if board_fd is not None:
                 reply["board"] = 1
@@ -281,6 +294,8 @@ class Server:
             self.sel.unregister(conn.sock)
         conn.sock.close()
         self.store.release_locked(conn.fd, conn.held)
+        if not self.conns:
+            self.store.warm.clear()  # no worker left to serve: keep nothing warm for nobody
 
     # -- events from other threads, and figures -------------------------------------------
 

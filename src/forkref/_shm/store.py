@@ -13,7 +13,9 @@ free it::
     the registry drops the last registration of the object (on_drop), or the
       object dies (weakref): board[slot] = 0; board[0] += 1
       explicit release(), object gone, or no connection that fetched it is
-      left: close the segment fd; otherwise dormant, kept for the next share
+      left: the segment goes to the warm store (forkref._shm.warm), which
+      keeps its pages for a later export or closes it; otherwise dormant,
+      kept for the next share
     the server forgets connection c (release_locked): dormant exports that
       only c had fetched are freed
 
@@ -49,7 +51,7 @@ from typing import Any
 from forkref._errors import NotInheritedError, SharedMemoryFullError
 from forkref._os import close_quietly
 from forkref._refs.registry import Reference, registry
-from forkref._shm import segments, serialize
+from forkref._shm import segments, serialize, warm
 from forkref._shm.protocol import BOARD_BYTES, BOARD_SLOTS
 
 __all__ = ["Export", "ExportStore", "PicklingFailed"]
@@ -132,12 +134,12 @@ def _board_fd() -> int:
 
 
 class Export:
-    """One object serialized into one segment."""
+    """One object serialized into one segment (of the warm store: ``fd`` is what workers get)."""
 
-    __slots__ = ("fd", "holders", "key", "ref", "serial", "size", "slot", "weak")
+    __slots__ = ("fd", "holders", "key", "ref", "seg", "serial", "size", "slot", "weak")
 
-    def __init__(self, fd: int, size: int, key: int, weak: weakref.ref[Any] | None) -> None:
-        self.fd, self.size, self.key, self.weak = fd, size, key, weak
+    def __init__(self, seg: warm.Segment, key: int, weak: weakref.ref[Any] | None) -> None:
+        self.seg, self.fd, self.size, self.key, self.weak = seg, seg.ro_fd, seg.size, key, weak
         self.ref: Reference | None = None  # the registration it serves; None: dormant
         self.serial = 0
         self.slot = 0
@@ -156,6 +158,7 @@ class ExportStore:
         self.board: _Board | None = None
         self.serials = itertools.count(1)
         self.exported = 0
+        self.warm = warm.WarmStore()  # segments of freed exports, kept for the next ones
 
     def serve(
         self, holder: int, held: set[Export], ref: Reference, board_sent: bool
@@ -200,16 +203,16 @@ class ExportStore:
         if self.board is None:  # only the export thread creates it
             self.board = _Board()
         try:
-            fd, size = _write_export(obj, what)
+            seg = _write_export(self.warm, obj, what)
         except SharedMemoryFullError:
             if not self._evict_dormant():
                 raise
-            fd, size = _write_export(obj, what)  # room made by exports nobody uses
+            seg = _write_export(self.warm, obj, what)  # room made by exports nobody uses
         try:
             weak = weakref.ref(obj, self._object_died)
         except TypeError:
             weak = None  # not weakref-able: the export lives with the registration
-        export = Export(fd, size, id(obj), weak)
+        export = Export(seg, id(obj), weak)
         with self.locked():
             assert self.board is not None
             export.slot = self.board.take()
@@ -243,7 +246,8 @@ class ExportStore:
             self._free(export)
 
     def _free(self, export: Export) -> None:
-        """Close the segment; its memory goes with the workers' last mapping. Under the lock."""
+        """Hand the segment to the warm store, which keeps it for a later export or closes
+        it (its memory goes with the workers' last mapping). Under the lock."""
         if export.fd < 0:
             return
         if export.ref is not None:
@@ -256,7 +260,7 @@ class ExportStore:
         if self.board is not None:
             self.board.withdraw(export.slot)
             self.board.give_back(export.slot)
-        close_quietly(export.fd)
+        self.warm.park(export.seg)
         export.fd = -1
 
     def _evict_dormant(self) -> bool:
@@ -264,6 +268,7 @@ class ExportStore:
             dormant = [e for e in self.by_object.values() if e.ref is None]
             for export in dormant:
                 self._free(export)
+        self.warm.clear()  # what they parked: the room is wanted now
         return bool(dormant)
 
     def release_locked(self, holder: int, held: set[Export]) -> None:
@@ -280,11 +285,13 @@ class ExportStore:
         if self.board is not None:
             self.board.close()
             self.board = None
+        self.warm.clear()
 
     def abandon(self) -> None:
         """In a forked child: close the inherited descriptors, change nothing shared."""
         for export in {*self.by_serial.values(), *self.by_object.values()}:
-            close_quietly(export.fd)
+            export.seg.close()
+        self.warm.abandon()
         if self.board is not None:
             with contextlib.suppress(Exception):
                 self.board.words.release()
@@ -366,16 +373,10 @@ def _registered(ref: Reference) -> object:
         return None
 
 
-def _write_export(obj: object, what: str) -> tuple[int, int]:
-    """Pickle ``obj`` once into a new unnamed segment; return (fd, size)."""
+def _write_export(store: warm.WarmStore, obj: object, what: str) -> warm.Segment:
+    """Pickle ``obj`` once into a segment of the warm store (reused or new)."""
     try:
         p = serialize.plan(obj)
     except Exception as err:
         raise PicklingFailed(f"the sharing process could not pickle it ({err!r})") from err
-    fd = segments.create_anonymous(p.size, what)
-    try:
-        serialize.write(p, fd, what)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, p.size
+    return store.write(p, what)

@@ -203,27 +203,67 @@ def _read_mode(path: str) -> str | None:
 def _huge_pages() -> dict[str, Any]:
     anon = _read_mode(f"{_THP}/enabled")
     shmem = _read_mode(f"{_THP}/shmem_enabled")
-    notes = []
+    defrag = _read_mode(f"{_THP}/defrag")
+    notes = [*_anon_notes(anon), *_shmem_notes(shmem), *_defrag_notes(defrag)]
+    return {"anonymous": anon, "shmem": shmem, "defrag": defrag, "notes": notes}
+
+
+# What fork costs: one page-table entry copied per 4 KiB page of heap, one
+# per 2 MiB huge page (plus a 4 KiB table the kernel sets aside for a later
+# split). benchmarks/bench_scale.py measures both; docs/guide/scale.md.
+def _anon_notes(anon: str | None) -> list[str]:
     if anon == "always":
-        notes.append(
+        return [
             "anonymous memory uses 2 MiB huge pages everywhere: fork copies fewer page-table "
             "entries (faster), but a worker's first write to an inherited page (a reference "
             "count is enough) copies 2 MiB instead of 4 KiB, so workers iterating inherited "
             "Python objects grow much faster; compact() containers avoid those writes"
-        )
-    elif anon in ("madvise", "never"):
-        notes.append(
-            f"anonymous memory: {anon}: a write to an inherited page copies 4 KiB "
-            "(huge pages only where a program asks for them)"
-        )
+        ]
+    if anon == "madvise":
+        return [
+            "anonymous memory: madvise: a write to an inherited page copies 4 KiB. Fork "
+            "cost: numpy asks for huge pages for big arrays, so an array heap forks fast "
+            "(one entry per 2 MiB); Python objects sit on 4 KiB pages, so fork copies about "
+            "2 MiB of page tables per GiB of objects, per worker, and takes several times "
+            "longer (benchmarks/bench_scale.py measures it)"
+        ]
+    if anon == "never":
+        return [
+            "anonymous memory: never: every heap is on 4 KiB pages; fork copies about 2 MiB "
+            "of page tables per GiB of heap, per worker, arrays included"
+        ]
+    return []
+
+
+def _shmem_notes(shmem: str | None) -> list[str]:
     if shmem in ("never", "deny", "advise"):
-        notes.append(f"shared memory: {shmem}: segments use 4 KiB pages")
+        return [f"shared memory: {shmem}: segments use 4 KiB pages"]
     if shmem in ("always", "within_size", "force"):
-        notes.append(
+        return [
             f"shared memory: {shmem}: segments may use 2 MiB pages: fewer page faults when "
             "workers map an export, memory reserved in 2 MiB steps"
-        )
-    return {"anonymous": anon, "shmem": shmem, "notes": notes}
+        ]
+    return []
+
+
+def _defrag_notes(defrag: str | None) -> list[str]:
+    if defrag == "always":
+        return [
+            "defrag: always: allocating a huge page may stall to compact memory, so "
+            "building a big heap (and a worker's first copy-on-write of a huge page) can pause"
+        ]
+    if defrag in ("defer", "defer+madvise", "madvise"):
+        return [
+            f"defrag: {defrag}: no stalls for programs that did not ask for huge pages"
+            + (
+                "; numpy's big arrays ask, and may wait for compaction"
+                if "madvise" in defrag
+                else ""
+            )
+        ]
+    if defrag == "never":
+        return ["defrag: never: huge pages only where free 2 MiB blocks exist, never a stall"]
+    return []
 
 
 def _threads() -> dict[str, Any]:
@@ -347,8 +387,12 @@ def _shm_verdict(found: dict[str, Any]) -> Verdict:
         )
     problem = _shm_probe()
     if problem:
-        return Verdict(name, FAIL, f"cannot write a segment in {shm['directory']}: {problem}",
-                       "set FORKREF_SHM_DIR to a writable directory (a tmpfs keeps it in RAM)")
+        return Verdict(
+            name,
+            FAIL,
+            f"cannot write a segment in {shm['directory']}: {problem}",
+            "set FORKREF_SHM_DIR to a writable directory (a tmpfs keeps it in RAM)",
+        )
     free = shm["free_bytes"] or 0
     detail = f"segments go to {shm['directory']} ({_size(free)} free)"
     if free < _LOW_SHM:
@@ -372,11 +416,19 @@ def _compact_verdict() -> Verdict:
     try:
         ok = list(compact(items)) == items and dict(compact_dict({"a": 1})) == {"a": 1}
     except Exception as err:
-        return Verdict(name, FAIL, f"a compact() round trip failed: {err!r}",
-                       "report this with the output of forkref doctor --json")
+        return Verdict(
+            name,
+            FAIL,
+            f"a compact() round trip failed: {err!r}",
+            "report this with the output of forkref doctor --json",
+        )
     if not ok:
-        return Verdict(name, FAIL, "a compact() round trip returned other items",
-                       "report this with the output of forkref doctor --json")
+        return Verdict(
+            name,
+            FAIL,
+            "a compact() round trip returned other items",
+            "report this with the output of forkref doctor --json",
+        )
     return Verdict(
         name, OK, "compact() and compact_dict() work: workers read them without copying pages"
     )
@@ -386,9 +438,7 @@ def _ray_verdict(found: dict[str, Any]) -> Verdict:
     name = "Ray backend"
     version = found["packages"].get("ray")
     if version is None:
-        return Verdict(
-            name, UNAVAILABLE, "ray is not installed", "pip install 'forkref[ray]'"
-        )
+        return Verdict(name, UNAVAILABLE, "ray is not installed", "pip install 'forkref[ray]'")
     return Verdict(name, OK, f"forkref.Pool(backend='ray') can run on ray {version}")
 
 
@@ -417,7 +467,11 @@ def _size(nbytes: int | None) -> str:
 
 def _fact_lines(f: dict[str, Any]) -> list[tuple[str, str]]:
     m, sm, shm, thp, th = (
-        f["machine"], f["start_methods"], f["shared_memory"], f["huge_pages"], f["threads"]
+        f["machine"],
+        f["start_methods"],
+        f["shared_memory"],
+        f["huge_pages"],
+        f["threads"],
     )
     source = "from FORKREF_SHM_DIR" if shm["from_environment"] else "FORKREF_SHM_DIR is not set"
     packages = ", ".join(
@@ -437,7 +491,11 @@ def _fact_lines(f: dict[str, Any]) -> list[tuple[str, str]]:
             f"{shm['directory']} ({shm['filesystem'] or 'unknown filesystem'}): "
             f"{_size(shm['size_bytes'])}, {_size(shm['free_bytes'])} free; {source}",
         ),
-        ("Huge pages", f"anonymous memory: {thp['anonymous']}; shared memory: {thp['shmem']}"),
+        (
+            "Huge pages",
+            f"anonymous memory: {thp['anonymous']}; shared memory: {thp['shmem']}; "
+            f"defrag: {thp['defrag']}",
+        ),
         *[("", note) for note in thp["notes"]],
         (
             "Threads",

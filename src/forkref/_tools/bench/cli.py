@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -80,9 +82,7 @@ def config_from(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Config
 
 
 def _planned(cfg: Config) -> int:
-    return sum(
-        1 for w in cfg.workloads for m in cfg.methods if METHODS[m].skip_reason(w) is None
-    )
+    return sum(1 for w in cfg.workloads for m in cfg.methods if METHODS[m].skip_reason(w) is None)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -101,19 +101,68 @@ def run_bench(args: argparse.Namespace, defaults: Mapping[str, Any], words: list
     except (UsageError, MissingDependencyError) as err:
         print(f"forkref bench: {err}", file=sys.stderr)
         return 2
+    # A live bar only on a terminal: in a file or a pipe its redraws are noise.
+    live = not args.no_progress and sys.stderr.isatty()
     option: bool | dict[str, Any] = (
-        False if args.no_progress else {"file": sys.stderr, "leave": False, "unit": "run"}
+        {"file": sys.stderr, "leave": False, "unit": "run"} if live else False
     )
-    with Progress(_planned(cfg), option, desc="forkref bench") as bar:
+    planned = _planned(cfg)
+    with _PeersLog() as log, Progress(planned, option, desc="forkref bench") as bar:
+        finished = [0]
 
         def done(outcome: Outcome) -> None:
-            if outcome.status not in ("skipped", "n/a"):
-                bar.update(1)
+            if outcome.status in ("skipped", "n/a"):
+                return
+            bar.update(1)
+            finished[0] += 1
+            if not live and not args.no_progress:
+                print(_plain_line(outcome, finished[0], planned), file=sys.stderr, flush=True)
 
-        outcomes = run_all(cfg, _throttled(bar), done)
+        outcomes = run_all(cfg, _throttled(bar), done, stderr_to=log.fd)
     report = _report(cfg, outcomes, words)
     _write(report, args)
+    if log.summary:
+        print(log.summary, file=sys.stderr)
     return report.exit_code
+
+
+def _plain_line(outcome: Outcome, n: int, planned: int) -> str:
+    took = f" in {outcome.seconds:.2f} s" if outcome.seconds is not None else ""
+    what = f"{outcome.workload}: {outcome.label}"
+    return f"forkref bench: [{n}/{planned}] {what}: {outcome.status}{took}"
+
+
+class _PeersLog:
+    """A file for the benchmarked libraries' stderr, and what to say about it at the end.
+
+    joblib's resource tracker, for one, warns about "leaked" folders when a
+    run's process ends; those lines went into the middle of the progress bar.
+    Kept only if something was written to it.
+    """
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path = ""
+        self.summary = ""
+
+    def __enter__(self) -> _PeersLog:
+        self.fd, self.path = tempfile.mkstemp(prefix="forkref-bench-", suffix=".log")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.fd is not None
+        os.close(self.fd)
+        self.fd = None
+        with open(self.path, errors="replace") as fh:
+            lines = [line for line in fh if line.strip()]
+        if not lines:
+            os.unlink(self.path)
+            return
+        warned = sum(1 for line in lines if "Warning" in line)
+        self.summary = (
+            f"forkref bench: the benchmarked libraries wrote {len(lines)} line(s) to stderr "
+            f"({warned} warning(s)), kept in {self.path}"
+        )
 
 
 def _throttled(bar: Progress) -> Callable[[str], None]:

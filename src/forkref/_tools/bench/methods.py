@@ -283,7 +283,7 @@ _forkref_methods("forkref-spawn", "forkref.Pool(spawn)", _spawn_pool, results=Tr
 
 # -- joblib ---------------------------------------------------------------------------
 
-method("joblib", "joblib (loky)", needs={"joblib": "pip install joblib"})
+method("joblib", "joblib (loky)", needs={"joblib": "pip install 'forkref[bench]'"})
 
 
 def _parallel(run: Run, calls: Any) -> Any:
@@ -351,7 +351,7 @@ def _joblib_tiny(run: Run) -> Any:
 
 # -- mpire ----------------------------------------------------------------------------
 
-method("mpire", "mpire shared_objects", needs={"mpire": "pip install mpire"})
+method("mpire", "mpire shared_objects", needs={"mpire": "pip install 'forkref[bench]'"})
 
 
 def _mpire_pool(run: Run, shared: Any = None) -> Any:
@@ -398,7 +398,7 @@ def _mpire_tiny(run: Run) -> Any:
 
 # -- Ray ------------------------------------------------------------------------------
 
-_RAY = {"ray": "pip install ray"}
+_RAY = {"ray": "pip install 'forkref[ray]'"}  # the extra pins the Ray version forkref needs
 method(
     "ray-put",
     "ray.put + tasks",
@@ -512,4 +512,3 @@ _forkref_methods(
     results=False,
     around=_ray,
 )
-

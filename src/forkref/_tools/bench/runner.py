@@ -29,6 +29,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import time
 import traceback
 import warnings
@@ -102,11 +103,16 @@ class Outcome:
 Tick = Callable[[str], None]
 
 
-def run_all(cfg: Config, tick: Tick, done: Callable[[Outcome], None]) -> list[Outcome]:
+def run_all(
+    cfg: Config, tick: Tick, done: Callable[[Outcome], None], stderr_to: int | None = None
+) -> list[Outcome]:
     """Every selected method on every selected workload, in order.
 
     ``tick(text)`` is called while waiting (to redraw a progress display),
-    ``done(outcome)`` after each pair.
+    ``done(outcome)`` after each pair. ``stderr_to``: a file descriptor that
+    each run's process (and every process it starts: pools, joblib's
+    resource tracker) writes its stderr to, so the contenders' warnings do
+    not land in the middle of the progress display.
     """
     outcomes: list[Outcome] = []
     for name in cfg.workloads:
@@ -120,7 +126,8 @@ def run_all(cfg: Config, tick: Tick, done: Callable[[Outcome], None]) -> list[Ou
         for m in methods:
             skip = reasons[m.name]
             if skip is None:
-                job = _Job(workload, m, cfg, data, expected, tasks_to_run(workload, m, cfg))
+                tasks = tasks_to_run(workload, m, cfg)
+                job = _Job(workload, m, cfg, data, expected, tasks, stderr_to)
                 outcome = _measure(job, tick)
             else:
                 status = "skipped" if m.applies(name) else "n/a"
@@ -149,6 +156,7 @@ class _Job:
     data: Any
     expected: Any
     tasks: int
+    stderr_to: int | None = None
 
 
 def _measure(job: _Job, tick: Tick) -> Outcome:
@@ -191,6 +199,10 @@ def _child(conn: Connection, job: _Job) -> None:  # pragma: no cover - in the fo
     code = 0
     try:
         os.setpgid(0, 0)  # the parent kills the whole group on a timeout
+        if job.stderr_to is not None:
+            os.dup2(job.stderr_to, 2)
+            # Python-level writers too, whatever sys.stderr was (a capture, a notebook stream).
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         warnings.simplefilter("ignore", ForkWarning)  # numpy/BLAS threads are expected here
 
         def checkpoint() -> None:

@@ -1,0 +1,152 @@
+"""Big task results back through shared memory, with no change to the task.
+
+How data flows::
+
+    worker (forkref._engine.worker)                 parent (forkref._engine.engine)
+    -------------------------------                 -------------------------------
+    dumps(result, threshold): a pickler whose       pickle.loads(reply) calls, for each
+      reducer_override finds every numpy array,       segment, receive(path, size, type):
+      pandas DataFrame/Series and arrow table or      open it, unlink the name at once,
+      array of >= threshold bytes anywhere in the     map it MAP_PRIVATE (copy-on-write):
+      result; each is written into an unnamed        an ordinary writable object, private
+      segment, which gets a result name (janitor-     to the parent; its memory goes when
+      watched) only once it is complete  ---------->  the object dies
+
+A worker that dies while writing leaves nothing (the segment has no name
+yet); one that dies after naming segments but before sending the reply
+naming them leaves nothing either (the janitor watches the worker alone
+until :func:`sent`). After that, a segment the parent never opens is
+unlinked once the worker and the parent are gone (see ``segments``).
+Anything that cannot go through a segment (no room, no ``O_TMPFILE``) is
+pickled into the reply as before: the result always arrives.
+
+Package API:
+    DEFAULT_THRESHOLD                  1 MiB, as the pools' share_threshold
+    dumps(obj, threshold) -> bytes     a reply, big buffers in segments
+    sent()                             call once that reply is sent
+    receive(path, size, typename)      the parent's side (pickled by reference)
+
+Non-goals: results are not reused segments (the warm store is for exports);
+object-dtype arrays and other pure-Python data are pickled as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import mmap
+import os
+import pickle
+from typing import Any
+
+from forkref._errors import SharedMemoryError
+from forkref._shm import segments, serialize
+
+__all__ = ["DEFAULT_THRESHOLD", "dumps", "receive", "sent"]
+
+DEFAULT_THRESHOLD = 1 << 20  # as share_threshold: below it, a pipe is as fast
+
+
+_unsent: list[str] = []  # named, but the reply naming them is not sent yet
+
+
+def sent() -> None:
+    """The reply is sent: its segments must now outlive this worker until the parent
+    opens them (until then a worker's death unlinks them)."""
+    if _unsent:
+        paths = _unsent[:]
+        del _unsent[:]
+        segments.hand_over(paths)
+
+
+def dumps(obj: object, threshold: int | None) -> bytes:
+    """Pickle a task's reply; big numpy/pandas/arrow parts travel in segments.
+
+    ``threshold`` None: plain pickling. If pickling fails after segments were
+    written, they are unlinked before the error propagates.
+    """
+    if threshold is None:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    buf = io.BytesIO()
+    pickler = _ResultPickler(buf, threshold)
+    try:
+        pickler.dump(obj)
+    except BaseException:
+        for path in pickler.written:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            _unsent.remove(path)
+        raise
+    return buf.getvalue()
+
+
+class _ResultPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, threshold: int) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.threshold = threshold
+        self.written: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        nbytes = big_nbytes(obj)
+        if nbytes is None or nbytes < self.threshold:
+            return NotImplemented
+        typename = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        try:
+            path, size = _write(obj, f"a {typename} result")
+        except (SharedMemoryError, OSError):
+            return NotImplemented  # no room or no O_TMPFILE: through the pipe, as before
+        self.written.append(path)
+        _unsent.append(path)
+        return receive, (path, size, typename)
+
+
+_ARROW = {"Table", "RecordBatch", "ChunkedArray"}  # and every *Array, below
+
+
+def big_nbytes(obj: object) -> int | None:
+    """Bytes of a numpy/pandas/arrow object held in buffers; None for other types.
+
+    Read from the type's module name: nothing is imported here.
+    """
+    module = type(obj).__module__.split(".", 1)[0]
+    if module == "numpy" and type(obj).__name__ == "ndarray":
+        return None if obj.dtype.hasobject else int(obj.nbytes)  # type: ignore[attr-defined]
+    if module == "pandas" and type(obj).__name__ in ("DataFrame", "Series"):
+        usage = obj.memory_usage(index=True, deep=False)  # type: ignore[attr-defined]
+        return int(usage.sum()) if hasattr(usage, "sum") else int(usage)
+    name = type(obj).__name__
+    if module == "pyarrow" and (name in _ARROW or name.endswith("Array")):
+        return int(obj.nbytes)  # type: ignore[attr-defined]
+    return None
+
+
+def _write(obj: object, what: str) -> tuple[str, int]:
+    """Serialize ``obj`` into a new segment; name it once complete. (path, size)."""
+    p = serialize.plan(obj)
+    fd = segments.create_anonymous(p.size, what)
+    try:
+        serialize.write(p, fd, what)
+        return segments.publish(fd, what), p.size
+    finally:
+        os.close(fd)
+
+
+def receive(path: str, size: int, typename: str) -> object:
+    """In the parent: the result in segment ``path``, as a writable private copy-on-write
+    mapping; the name is gone at once, the memory when the object dies.
+
+    Raises:
+        SharedMemoryError: the segment is gone (its worker and the parent's
+            predecessor died) or is not forkref's.
+    """
+    fd, found = segments.open_and_unlink(path, f"a {typename} result")
+    try:
+        if found < size:
+            raise SharedMemoryError(
+                f"the segment for a {typename} result holds {found} bytes, not {size}"
+            )
+        # Private: writes land in the parent's own pages, never in the segment.
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return serialize.rebuild(mapping)
