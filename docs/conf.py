@@ -54,7 +54,8 @@ nitpick_ignore = [
         (role, f"forkref.{module}.{var}")
         for role in ("py:class", "py:obj")
         for module, names in {
-            "_memory.compact": "TKV",
+            "_memory.compact": "T",
+            "_memory.compactdict": "KV",
             "_pools.pool": "T",
             "_pools.executor": "T",
             "_share.handle": "T",
