@@ -65,12 +65,14 @@ def test_a_task_past_the_timeout_fails_alone_and_its_worker_is_replaced(
     ctx: Any, tmp_path: Path
 ) -> None:
     flag = str(tmp_path / "release")
-    pool = forkref.Pool(2, context=ctx, task_timeout=2)
+    # The other task starts 3 s into the slow one's 4 s and ends when the slow one
+    # has been failed: its own clock has 3 s to spare for a loaded machine.
+    pool = forkref.Pool(2, context=ctx, task_timeout=4)
     try:
         assert pool.map(abs, range(-4, 0)) == [4, 3, 2, 1]  # both workers up
         before = set(pool.pids())
         slow = pool.apply_async(nap, ("slow",))
-        time.sleep(1)  # so the other task's own clock ends well after the slow one's
+        time.sleep(3)  # so the other task's own clock ends well after the slow one's
         # Runs in the other worker while the slow one is stopped; returns once released.
         other = pool.apply_async(wait_for_file, (flag,))
         with pytest.raises(forkref.TaskTimeoutError) as info:
@@ -78,7 +80,7 @@ def test_a_task_past_the_timeout_fails_alone_and_its_worker_is_replaced(
         Path(flag).touch()
         assert other.get(_BOUND) == "released"
         message = str(info.value)
-        assert message.startswith("the task nap() ran past task_timeout=2 (seconds)")
+        assert message.startswith("the task nap() ran past task_timeout=4 (seconds)")
         assert message.endswith("raise task_timeout, or split the work into shorter tasks")
         assert "chunksize" not in message  # not a map: no advice about chunks
         killed = int(re.search(r"\(pid (\d+)\)", message).group(1))  # type: ignore[union-attr]
