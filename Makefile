@@ -38,6 +38,14 @@ $(VENV)/.stamp-ray: pyproject.toml $(VENV)/.stamp-test,lint
 	$(PY) -m pip install -q -e '.[ray]' || echo "Ray cannot be installed here: the Ray backend's tests will be skipped"
 	@touch $@
 
+# torch, for the tests of compact containers in a real DataLoader (torch is never a
+# dependency of forkref). Where no wheel installs (this Python or platform), those tests
+# skip, saying why.
+TORCH_VERSION ?= 2.13.0
+$(VENV)/.stamp-torch: pyproject.toml $(VENV)/.stamp-test,lint
+	$(PY) -m pip install -q 'torch==$(TORCH_VERSION)' || echo "torch cannot be installed here: the DataLoader tests will be skipped"
+	@touch $@
+
 # DEMO_ARGS adds bench options, e.g. DEMO_ARGS="--plot bench.png" or "--size 1GiB".
 demo: $(VENV)/.stamp-demo
 	$(VENV)/bin/forkref bench --quick $(DEMO_ARGS)
@@ -63,7 +71,7 @@ package: $(VENV)/.stamp-release
 	$(PY) -m build -q --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
-unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray venvs
+unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray $(VENV)/.stamp-torch venvs
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The virtualenvs of the other supported Pythons that are installed: the smoke stage runs
