@@ -83,7 +83,9 @@ autodoc_typehints_format = "short"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-napoleon_use_ivar = True
+# "Attributes:" sections become attribute entries, so text can link to a field
+# (:attr:`ProcessMemory.segment_rss`).
+napoleon_use_ivar = False
 
 # -- intersphinx, offline ---------------------------------------------------------------
 
