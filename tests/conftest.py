@@ -37,6 +37,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -391,3 +392,21 @@ def ray_instance() -> Iterator[Any]:
 
     with ray_harness.local_ray(num_cpus=2) as context:
         yield context
+
+
+@pytest.fixture
+def private_tmpdir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Temporary files of the code under test (and its children) go to a directory of its own.
+
+    The bench keeps its peers' stderr in a temporary file; in /tmp it would outlive
+    the test. The directory is short and under /tmp, not pytest's tmp_path: Ray
+    puts its sockets under the temporary directory, and AF_UNIX paths are short.
+    """
+    tmp_path_factory.getbasetemp()  # pytest's own base stays where it is
+    directory = tempfile.mkdtemp(prefix="forkref-t-", dir="/tmp")
+    monkeypatch.setenv("TMPDIR", directory)
+    monkeypatch.setattr(tempfile, "tempdir", directory)
+    yield Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)

@@ -19,7 +19,7 @@ from forkref._tools.bench.catalog import load
 from forkref._tools.bench.registry import METHODS, Run, implements, method
 from forkref._tools.cli import main
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("private_tmpdir")]
 
 TINY = [
     "--size", "2MiB", "--items", "4000", "--late-iters", "2", "--result-size", "1MiB",

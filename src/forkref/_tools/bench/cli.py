@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -151,12 +152,16 @@ class _PeersLog:
 
     def __exit__(self, *exc: object) -> None:
         assert self.fd is not None
-        os.close(self.fd)
+        # Read through our own descriptor, not the path: a temp-directory cleaner
+        # may have removed the name meanwhile, and the lines are still ours.
+        with os.fdopen(self.fd, "rb") as fh:
+            fh.seek(0)
+            text = fh.read().decode(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
         self.fd = None
-        with open(self.path, errors="replace") as fh:
-            lines = [line for line in fh if line.strip()]
         if not lines:
-            os.unlink(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             return
         warned = sum(1 for line in lines if "Warning" in line)
         self.summary = (
