@@ -23,7 +23,9 @@ __all__: list[str] = []
 
 BIG = ("frame", "dicts")
 _NO_OBJECT = "no object to share: the tasks' arguments are small"
-_NO_RESULTS = "results have no automatic route; export_result() is the way (forkref.Pool row)"
+_SAME_RESULTS = (
+    "every forkref.Pool sends big results back through shared memory: see the forkref.Pool row"
+)
 
 
 # -- helpers -----------------------------------------------------------------------
@@ -238,11 +240,11 @@ def _forkref_methods(
             return _map_each_frame(run, pool, share)
 
     if results:
-
-        @implements(name, "result", label=f"{label} + export_result()")
+        # The stdlib's task, unchanged: the automatic route (result_threshold) is measured.
+        @implements(name, "result", label=label)
         def result(run: Run) -> Any:
             with setting(run), _lifetime(run, make(run)) as pool:
-                return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
+                return pool.starmap(tasks.result, _result_args(run))
 
     @implements(name, "tiny", label=label)
     def tiny(run: Run) -> Any:
@@ -259,7 +261,7 @@ _forkref_methods("forkref", "forkref.Pool", _forkref_pool, results=True)
 method(
     "forkref-auto",
     "forkref.Pool(auto_share)",
-    not_applicable={"result": _NO_RESULTS, "tiny": _NO_OBJECT},
+    not_applicable={"result": _SAME_RESULTS, "tiny": _NO_OBJECT},
 )
 
 
