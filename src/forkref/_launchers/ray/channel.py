@@ -57,6 +57,7 @@ from forkref._engine.model import Channel, Task
 from forkref._engine.wire import ERR, HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
 from forkref._engine.worker import MAX_FUNCTIONS
 from forkref._errors import NotInheritedError, TaskPicklingError, WorkerDiedError
+from forkref._launchers.ray import results
 from forkref._launchers.ray.objects import ObjectTable
 from forkref._launchers.ray.placement import RECHECK, Deadline
 from forkref._refs.registry import Reference
@@ -105,6 +106,11 @@ class _Call:
     answered: dict[int, bytes] = field(default_factory=dict)  # failed before leaving
     done: bool = False
     replies: list[bytes] = field(default_factory=list)
+    parts: results.Parts = field(default_factory=list)  # big parts of the results
+    # The call's ObjectRef, held until its value is read: a return value in the
+    # object store (big parts) must have a live reference when Ray's completion
+    # callback fetches it, or its owner (this driver) no longer knows it.
+    ref: Any = None
     error: BaseException | None = None
 
 
@@ -148,6 +154,7 @@ class RayChannel(Channel):
         self._functions: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._sent: set[Reference] = set()  # References whose object this actor holds
         self._forgotten = 0  # how much of ObjectTable.dropped this actor was told
+        self._filed: set[str] = set()  # tokens of big parts handed on, maybe not received yet
         self._started: Any = None  # where()'s answer, or the error that ended the actor
         self._ready = False
         self._lost = False
@@ -186,6 +193,7 @@ class RayChannel(Channel):
         replies = self._started_replies()
         while self._ready and self._calls and self._calls[0].done and not self._lost:
             call = self._calls.popleft()
+            call.ref = None
             if call.error is None:
                 replies += self._in_order(call)
             else:
@@ -233,6 +241,10 @@ class RayChannel(Channel):
     def close(self) -> None:
         """Release the pipe and the actor handle. Idempotent."""
         self._placement.cancel()
+        # Replies handed on are decoded before the channel closes; what is left
+        # belongs to replies the engine dropped (a terminated pool).
+        results.discard(self._filed)
+        self._filed.clear()
         with self._pipe_lock:
             for fd in (self.fd, self._wake_w):
                 close_fd(fd)
@@ -278,8 +290,8 @@ class RayChannel(Channel):
         if not calls:
             self._on_call_done(call, [])
             return
-        future = self._actor.run.remote(fns, calls, refs, self._to_forget(), *objects)
-        future._on_completed(functools.partial(self._on_call_done, call))
+        call.ref = self._actor.run.remote(fns, calls, refs, self._to_forget(), *objects)
+        call.ref._on_completed(functools.partial(self._on_call_done, call))
 
     def _carry(
         self, task_refs: Iterable[Reference], refs: list[Reference], objects: list[Any]
@@ -343,6 +355,11 @@ class RayChannel(Channel):
         return [HDR.pack(0, READY)]
 
     def _in_order(self, call: _Call) -> list[bytes]:
+        if call.parts:  # filed before the replies naming them are decoded
+            self._filed = results.waiting(self._filed)
+            results.arrive(call.parts)
+            self._filed.update(token for token, _ in call.parts)
+            call.parts = []  # the store's views live in the table only, until received
         by_id = dict(call.answered)
         control = []
         for reply in call.replies:
@@ -381,7 +398,7 @@ class RayChannel(Channel):
         if isinstance(value, BaseException):
             call.error = value
         else:
-            call.replies = value
+            call.replies, call.parts = value
         call.done = True
         self._wake()
 

@@ -214,7 +214,6 @@ def _forkref_methods(
     name: str,
     label: str,
     make: Callable[[Run], Any],
-    results: bool,
     around: Callable[[Run], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> None:
     """Register ``name``'s workloads: a ``forkref.Pool`` made by ``make``, fed handles.
@@ -239,12 +238,11 @@ def _forkref_methods(
         with setting(run), _lifetime(run, make(run)) as pool:
             return _map_each_frame(run, pool, share)
 
-    if results:
-        # The stdlib's task, unchanged: the automatic route (result_threshold) is measured.
-        @implements(name, "result", label=label)
-        def result(run: Run) -> Any:
-            with setting(run), _lifetime(run, make(run)) as pool:
-                return pool.starmap(tasks.result, _result_args(run))
+    # The stdlib's task, unchanged: the automatic route (result_threshold) is measured.
+    @implements(name, "result", label=label)
+    def result(run: Run) -> Any:
+        with setting(run), _lifetime(run, make(run)) as pool:
+            return pool.starmap(tasks.result, _result_args(run))
 
     @implements(name, "tiny", label=label)
     def tiny(run: Run) -> Any:
@@ -253,7 +251,7 @@ def _forkref_methods(
 
 
 method("forkref", "forkref.Pool + share()")
-_forkref_methods("forkref", "forkref.Pool", _forkref_pool, results=True)
+_forkref_methods("forkref", "forkref.Pool", _forkref_pool)
 
 
 # -- forkref.Pool(auto_share=True) with the plain object ----------------------------
@@ -280,7 +278,7 @@ def _auto_late(run: Run) -> Any:
 # -- forkref.Pool over spawn: the shared-memory transport ---------------------------
 
 method("forkref-spawn", "forkref.Pool(spawn) + share()")
-_forkref_methods("forkref-spawn", "forkref.Pool(spawn)", _spawn_pool, results=True)
+_forkref_methods("forkref-spawn", "forkref.Pool(spawn)", _spawn_pool)
 
 
 # -- joblib ---------------------------------------------------------------------------
@@ -500,17 +498,11 @@ def _ray_pool_tiny(run: Run) -> Any:
 # -- forkref's own Ray backend ------------------------------------------------------
 
 
-method(
-    "forkref-ray",
-    "forkref.Pool(backend=ray)",
-    needs=_RAY,
-    not_applicable={"result": "not measured for the Ray backend yet"},
-)
+method("forkref-ray", "forkref.Pool(backend=ray)", needs=_RAY)
 
 _forkref_methods(
     "forkref-ray",
     "forkref.Pool(backend=ray)",
     lambda run: _forkref_pool(run, backend="ray"),
-    results=False,
     around=_ray,
 )
