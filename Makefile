@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 find_python = $(shell ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python 2>/dev/null | sort -V | tail -n 1 | grep . || command -v python$(1) 2>/dev/null)
 MAIN_PYTHON := $(or $(call find_python,$(MAIN_VERSION)),$(shell command -v python3))
 
-.PHONY: demo test lint docs package unit venvs smoke conformance bench clean
+.PHONY: demo test lint docs package unit venvs smoke conformance bench bench-long clean
 
 $(VENV)/.stamp-%: pyproject.toml
 	@test -x $(PY) || $(MAIN_PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ $(VENV)/.stamp-%: pyproject.toml
 # saying why.
 $(VENV)/.stamp-ray: pyproject.toml $(VENV)/.stamp-test,lint
 	$(PY) -m pip install -q -e '.[ray]' || echo "Ray cannot be installed here: the Ray backend's tests will be skipped"
+	@touch $@
+
+# torch, for the tests of compact containers in a real DataLoader (torch is never a
+# dependency of forkref). Where no wheel installs (this Python or platform), those tests
+# skip, saying why.
+TORCH_VERSION ?= 2.13.0
+$(VENV)/.stamp-torch: pyproject.toml $(VENV)/.stamp-test,lint
+	$(PY) -m pip install -q 'torch==$(TORCH_VERSION)' || echo "torch cannot be installed here: the DataLoader tests will be skipped"
 	@touch $@
 
 # DEMO_ARGS adds bench options, e.g. DEMO_ARGS="--plot bench.png" or "--size 1GiB".
@@ -63,7 +71,7 @@ package: $(VENV)/.stamp-release
 	$(PY) -m build -q --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
-unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray venvs
+unit: $(VENV)/.stamp-test,lint $(VENV)/.stamp-ray $(VENV)/.stamp-torch venvs
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The virtualenvs of the other supported Pythons that are installed: the smoke stage runs
@@ -117,6 +125,18 @@ bench: $(VENV)/.stamp-bench $(VENV)/.stamp-ray
 	$(PY) benchmarks/bench_ray.py | tee benchmarks/results/ray.txt
 	$(PY) benchmarks/bench_cow.py --json benchmarks/results/cow.json | tee benchmarks/results/cow.txt
 	$(PY) benchmarks/bench_share_anywhere.py --json benchmarks/results/share_anywhere.json | tee benchmarks/results/share_anywhere.txt
+
+# The longer ones, each the command docs/benchmarks.md gives for its results file:
+# big results and the warm store (a few minutes each), compact reads, the DataLoader over
+# 2M records (about an hour: the plain list's epochs are slow) and the scale curve to
+# 8 GiB (tens of minutes, 20 GiB of free memory for its largest heap).
+bench-long: $(VENV)/.stamp-bench $(VENV)/.stamp-ray $(VENV)/.stamp-torch
+	@mkdir -p benchmarks/results
+	$(PY) benchmarks/bench_results.py --rounds 3 | tee benchmarks/results/results.txt
+	$(PY) benchmarks/bench_warm.py --rounds 8 --write-methods | tee benchmarks/results/warm.txt
+	$(PY) benchmarks/bench_compact_read.py --records 100000 --rounds 9 | tee benchmarks/results/compact_read.txt
+	$(PY) benchmarks/bench_dataloader.py --rounds 2 | tee benchmarks/results/dataloader.txt
+	$(PY) benchmarks/bench_scale.py --max 8GiB --json benchmarks/results/scale.json | tee benchmarks/results/scale.txt
 
 clean:
 	rm -rf .venv .venv-* build dist docs/_build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -54,7 +54,8 @@ nitpick_ignore = [
         (role, f"forkref.{module}.{var}")
         for role in ("py:class", "py:obj")
         for module, names in {
-            "_memory.compact": "TKV",
+            "_memory.compact": "T",
+            "_memory.compactdict": "KV",
             "_pools.pool": "T",
             "_pools.executor": "T",
             "_share.handle": "T",
@@ -82,7 +83,9 @@ autodoc_typehints_format = "short"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-napoleon_use_ivar = True
+# "Attributes:" sections become attribute entries, so text can link to a field
+# (:attr:`ProcessMemory.segment_rss`).
+napoleon_use_ivar = False
 
 # -- intersphinx, offline ---------------------------------------------------------------
 

@@ -99,7 +99,7 @@ def test_slices_are_views_on_the_same_buffer() -> None:
     view = c[10:90:3]
     assert isinstance(view, CompactList)
     assert list(view) == list(range(100))[10:90:3]
-    assert view._data.obj is c._data.obj  # no copy of the data
+    assert view._layout is c._layout  # no copy of the data
     assert view[1:3] == list(range(100))[10:90:3][1:3]  # a view of a view
     assert view[::-1] == list(range(100))[10:90:3][::-1]
 
@@ -119,7 +119,7 @@ def test_compact_of_a_compact_list_shares_or_repacks() -> None:
     assert forkref.compact(c) is c
     repacked = forkref.compact(c[2:5])
     assert repacked == [2, 3, 4]
-    assert repacked._data.obj is not c._data.obj
+    assert repacked._layout is not c._layout
     assert copy.copy(c) is c
     assert copy.deepcopy(c) is c
 
@@ -143,8 +143,9 @@ def test_an_unpicklable_item_is_a_clear_error() -> None:
 def test_buffers_are_invisible_to_the_garbage_collector() -> None:
     """gc never writes to the data pages: neither buffer is a gc-tracked object."""
     c = forkref.compact(records(1000))
-    assert not gc.is_tracked(c._data.obj)
-    assert not gc.is_tracked(c._offsets.obj)
+    buffers = c._layout.buffers()
+    assert len(buffers) == 4  # id, name (data, offsets), value: laid out by column
+    assert not any(gc.is_tracked(buffer.obj) for buffer in buffers)
 
 
 @settings(max_examples=150, deadline=None)
@@ -212,15 +213,16 @@ def test_protocol_5_hands_both_buffers_out_of_band_and_rebuilds_without_copy() -
     c = forkref.compact(records(1000))
     buffers: list[pickle.PickleBuffer] = []
     payload = pickle.dumps(c, protocol=5, buffer_callback=buffers.append)
-    assert len(buffers) == 2
-    assert len(payload) < 200  # the data travels out of band, not in the pickle
+    assert len(buffers) == 4  # id, name (data and offsets), value
+    assert len(payload) < 300  # the data travels out of band, not in the pickle
     # What a shared-memory transport does: put the bytes somewhere, hand views back.
     received = [bytearray(buffer.raw()) for buffer in buffers]
     rebuilt = pickle.loads(payload, buffers=received)
     assert rebuilt == c
-    assert rebuilt._data.obj is received[0]  # wraps the received memory, no copy
+    name_data = rebuilt._layout.columns[1].buffers[0]
+    assert name_data.obj is received[1]  # wraps the received memory, no copy
     with pytest.raises(TypeError):
-        rebuilt._data[0:1] = b"x"  # read-only even over a writable buffer
+        name_data[0:1] = b"x"  # read-only even over a writable buffer
 
 
 def test_a_slice_pickles_only_its_items() -> None:
@@ -232,7 +234,7 @@ def test_a_corrupt_pickle_is_a_clear_error() -> None:
     c = forkref.compact(records(10))
     buffers: list[pickle.PickleBuffer] = []
     payload = pickle.dumps(c, protocol=5, buffer_callback=buffers.append)
-    truncated = [bytes(buffers[0].raw())[:-5], buffers[1]]
+    truncated = [buffers[0], bytes(buffers[1].raw())[:-5], *buffers[2:]]
     with pytest.raises(CompactError, match="truncated or corrupt"):
         pickle.loads(payload, buffers=truncated)
 
@@ -360,7 +362,7 @@ _SCRIPT = textwrap.dedent(
     """
     import pickle, sys
     import forkref
-    from forkref._memory import compact as _compact
+    from forkref._memory import compactdict as _compact
     if sys.argv[1] == "dump":
         d = forkref.compact_dict((f"k{i}", i) for i in range(2000))
         sys.stdout.buffer.write(pickle.dumps(d, protocol=5))
@@ -401,7 +403,9 @@ def test_rebuilt_from_a_shared_memory_segment_without_copy() -> None:
         pytest.skip("forkref._shm.serialize has no plan/write/rebuild")
     c = forkref.compact(records(10_000))
     d = forkref.compact_dict((f"k{i}", i) for i in range(1000))
-    for obj, data in ((c, lambda r: r._data), (d, lambda r: r._values._data)):
+    in_list = lambda r: r._layout.buffers()[1]  # noqa: E731  # the names' UTF-8
+    in_dict = lambda r: r._values._layout.buffers()[0]  # noqa: E731
+    for obj, data in ((c, in_list), (d, in_dict)):
         plan = serialize.plan(obj)
         fd = os.memfd_create("forkref-test")
         try:

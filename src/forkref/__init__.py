@@ -22,11 +22,14 @@ from forkref._errors import (
     SharedMemoryError,
     SharedMemoryFullError,
     TaskPicklingError,
+    TaskTimeoutError,
     WorkerDiedError,
 )
 from forkref._fork.hygiene import fork_hygiene
 from forkref._launchers.ray.memory import ObjectStoreUse, RayMemoryReport
-from forkref._memory.compact import CompactDict, CompactList, compact, compact_dict
+from forkref._memory.attrs import compact_attrs
+from forkref._memory.compact import CompactList, compact
+from forkref._memory.compactdict import CompactDict, compact_dict
 from forkref._memory.report import MemoryReport, MemorySampler, ProcessMemory, memory_report
 from forkref._pools.executor import ProcessPoolExecutor
 from forkref._pools.explain import Explanation, explain
@@ -62,8 +65,10 @@ __all__ = [
     "SharedMemoryError",
     "SharedMemoryFullError",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "WorkerDiedError",
     "compact",
+    "compact_attrs",
     "compact_dict",
     "explain",
     "export_result",

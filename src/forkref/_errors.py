@@ -8,6 +8,8 @@ Hierarchy::
           ├── ReleasedError             a handle was used after release()
           ├── BrokenPoolError           the pool cannot run tasks (also a BrokenProcessPool)
           │    └── WorkerDiedError      a worker died while running a task
+          ├── TaskTimeoutError          a task ran past the pool's task_timeout (also a
+          │                             TimeoutError)
           ├── ForkError                 os.fork() failed for a new generation of workers
           ├── TaskPicklingError         a task's function, argument or result cannot be
           │    │                        pickled (also a pickle.PicklingError)
@@ -143,6 +145,8 @@ class MemoryAccessError(MemoryReportError):
 #      ├── BrokenPoolError            the pool cannot run tasks any more (also a
 #      │    │                         concurrent.futures BrokenProcessPool)
 #      │    └── WorkerDiedError       a worker died (signal, os._exit) while running a task
+#      ├── TaskTimeoutError           a task ran past task_timeout; its worker was replaced
+#      │                              (also a TimeoutError)
 #      └── TaskPicklingError          a task's function, argument or result cannot be pickled
 #                                     (also a pickle.PicklingError)
 #
@@ -154,6 +158,7 @@ __all__ += [
     "ForkWarning",
     "ResultPicklingError",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "WorkerDiedError",
 ]
 
@@ -185,6 +190,18 @@ class WorkerDiedError(BrokenPoolError):
         super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode
+
+
+class TaskTimeoutError(Error, TimeoutError):
+    """A task ran longer than the pool's ``task_timeout``.
+
+    Its worker was killed and replaced; the pool (or executor) goes on, and
+    only this task fails. Also a built-in ``TimeoutError``. The message names
+    the task (its function, and its items for a map), the timeout and the
+    fix. With ``chunksize > 1`` the timeout is per chunk, as one task.
+    """
+
+    __module__ = "forkref"
 
 
 class TaskPicklingError(Error, _pickle.PicklingError):

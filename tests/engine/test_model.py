@@ -75,6 +75,19 @@ def test_a_worker_accepts_tasks_while_open_not_stopping_and_within_its_budget() 
     assert not w.accepting()
 
 
+def test_a_worker_runs_since_its_first_task_reported_its_start() -> None:
+    w = Worker(QuietChannel(), Generation(1, 0), budget=None)
+    assert w.running_since() is None  # nothing in flight
+    first, second = make_task(b"1"), make_task(b"2")
+    second.running_at = 7.0  # only the first task held can be running
+    w.inflight.extend([first, second])
+    assert w.running_since() is None  # sent, not started: unpickling, or queued in the worker
+    first.running_at = 12.5
+    assert w.running_since() == 12.5
+    w.inflight.popleft()
+    assert w.running_since() == 7.0
+
+
 def test_stopping_a_worker_asks_its_channel_once() -> None:
     channel = QuietChannel()
     w = Worker(channel, Generation(1, 0), budget=None)

@@ -22,7 +22,7 @@ from forkref._engine.model import (
     Worker,
 )
 from forkref._engine.scheduler import Scheduler
-from forkref._engine.wire import ERR, HDR, INIT_FAILED, OK, READY, RETIRE
+from forkref._engine.wire import ERR, HDR, INIT_FAILED, OK, READY, RETIRE, STARTED
 from forkref._share.taskpickle import FnBlob
 
 _FN = FnBlob(1, b"fn", [])
@@ -331,6 +331,23 @@ def test_control_replies_are_returned_as_their_op_and_strays_ignored() -> None:
     s.dispatch(gen, [])
     assert s.reply(w, reply_message(8, OK)) is None  # not the task it runs
     assert [t.id for t in w.inflight] == [7]
+
+
+def test_a_started_report_marks_the_running_task_and_completes_nothing() -> None:
+    a = FakeChannel(1)
+    gen = generation(a)
+    w = gen.workers[0]
+    s = Scheduler(late_pickle)
+    s.submit([task(1), task(2)])
+    s.drain_incoming()
+    s.dispatch(gen, [])
+    assert s.reply(w, reply_message(2, STARTED)) is None  # not the one it runs: ignored
+    assert w.running_since() is None
+    assert s.reply(w, reply_message(1, STARTED)) is None
+    running_at = w.inflight[0].running_at
+    assert running_at > 0
+    assert w.running_since() == running_at
+    assert [t.id for t in w.inflight] == [1, 2]
 
 
 # -- a worker gone -------------------------------------------------------------------

@@ -17,6 +17,8 @@ Like CPython's ``_ExecutorManagerThread``, one loop does it all::
             workforce.on_ready: replies -> finished tasks; READY / RETIRE /
               INIT_FAILED; launcher events -> worker pids and exit statuses,
               a lost fork server
+            workforce.check_timeouts: a task running past task_timeout fails
+              (TaskTimeoutError), its worker is killed
             workforce.check_deaths: workers whose channel ended: the task each
               was running fails (WorkerDiedError), the ones behind it go back
               to the queue
@@ -231,6 +233,7 @@ class Dispatcher:
                 return False
             for fd, _events in ready:
                 self._on_ready(fd, completions)
+            engine.workforce.check_timeouts(completions)
             engine.workforce.check_deaths(completions)
             self.in_callbacks = bool(completions)
         self._run_callbacks(completions)
@@ -255,13 +258,13 @@ class Dispatcher:
         listener = _export.listener_fd()
         if listener is not None:  # a worker that did not inherit an object may knock
             watched[listener] = _EXPORT_LISTENER
-        pending_death = self._engine.workforce.watch(watched)
+        timeout = self._engine.workforce.watch(watched)
         if watched != self._watched:
             self._poller = select.poll()
             for fd in watched:
                 self._poller.register(fd, select.POLLIN)
             self._watched = watched
-        return 50 if pending_death else 1000
+        return timeout
 
     def _on_ready(self, fd: int, completions: list[Completion]) -> None:
         target = self._watched.get(fd)

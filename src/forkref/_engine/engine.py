@@ -88,6 +88,10 @@ class Engine:
     ``concurrent.futures`` does. Otherwise (``multiprocessing.Pool``) only
     the dead worker's tasks fail and a replacement is started.
 
+    ``task_timeout``: a task running longer fails with
+    :class:`~forkref.TaskTimeoutError` and its worker is killed and replaced,
+    under both semantics (only that task fails).
+
     Implements :class:`~forkref._engine.dispatcher.DispatcherHost` for its dispatcher.
     """
 
@@ -101,6 +105,7 @@ class Engine:
         executor_semantics: bool,
         share_threshold: int | None,
         auto_share: bool,
+        task_timeout: float | None = None,
     ) -> None:
         self.state = EngineState(
             launcher,
@@ -110,6 +115,7 @@ class Engine:
             executor_semantics=executor_semantics,
             share_threshold=share_threshold,
             auto_share=auto_share,
+            task_timeout=task_timeout,
         )
         self._outcomes = Outcomes(self.state)
         self.workforce = Workforce(self.state, self._outcomes)

@@ -57,15 +57,18 @@ class Task:
     """One unit of work: a call, or a chunk of a map."""
 
     __slots__ = (
+        "count",
         "data",
         "fn",
         "id",
         "kind",
+        "name",
         "offset",
         "on_done",
         "on_start",
         "payload",
         "refs",
+        "running_at",
         "sent_at",
         "size",
         "started",
@@ -82,6 +85,8 @@ class Task:
         offset: int,
         on_done: Callable[[bool, Any], None],
         on_start: Callable[[], bool] | None,
+        name: str = "",
+        count: int = 1,
     ) -> None:
         self.id = task_id
         self.kind = kind
@@ -89,12 +94,15 @@ class Task:
         self.payload, self.size = encoded
         # The arguments are kept only while there is no pickle of them to send.
         self.data = data if self.payload is None else None
-        self.offset = offset
+        self.offset = offset  # index of its first item in the caller's iterable
+        self.name = name  # the function's name, for messages
+        self.count = count  # items of a map chunk (1 for a call)
         self.refs: list[Reference] = []
         self.on_done = on_done
         self.on_start = on_start
-        self.started = False
+        self.started = False  # on_start ran: a future is marked running
         self.sent_at = 0.0
+        self.running_at = 0.0  # when the worker reported calling its function (0: not yet)
 
 
 def exit_text(code: int | None) -> str:
@@ -226,6 +234,16 @@ class Worker:
     def accepting(self) -> bool:
         """It may be given more tasks."""
         return self.live() and not self.stopping and self.budget != 0
+
+    def running_since(self) -> float | None:
+        """When the task it runs reported its start (``STARTED``); None: none has yet.
+
+        Only the first task a worker holds can run (it takes them in order),
+        and workers report starts only in pools with a ``task_timeout``.
+        """
+        if not self.inflight:
+            return None
+        return self.inflight[0].running_at or None
 
     def stop(self) -> None:
         """Ask the worker to exit once it has finished what it holds. Idempotent."""

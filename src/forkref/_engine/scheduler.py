@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from forkref._engine.model import FAST_TASK, Cancelled, Completion, Generation, Task, Worker
-from forkref._engine.wire import HDR, INIT_FAILED, READY, RETIRE
+from forkref._engine.wire import HDR, INIT_FAILED, READY, RETIRE, STARTED
 
 __all__ = ["Scheduler"]
 
@@ -165,12 +165,18 @@ class Scheduler:
         return best
 
     def reply(self, w: Worker, message: bytearray) -> Completion | int | None:
-        """A message from worker ``w``: a finished task, or a control op (READY, ...)."""
+        """A message from worker ``w``: a finished task, or a control op (READY, ...).
+
+        None: nothing to act on (a task's STARTED, noted on the task; a stray reply).
+        """
         task_id, op = HDR.unpack_from(message)
         if op in (READY, RETIRE, INIT_FAILED):
             return int(op)
         if not w.inflight or w.inflight[0].id != task_id:
             return None  # not what it holds (cannot happen with a sane worker): ignore
+        if op == STARTED:  # the worker calls the task's function now (task_timeout's clock)
+            w.inflight[0].running_at = time.monotonic()
+            return None
         task = w.inflight.popleft()
         w.inflight_bytes -= task.size
         now = time.monotonic()

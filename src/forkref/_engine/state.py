@@ -31,7 +31,9 @@ class EngineState:
 
     Settings (fixed): ``context``, ``start_method``, ``processes``,
     ``max_tasks``, ``executor_semantics`` (a dead worker breaks the whole
-    engine, as ``concurrent.futures`` does), ``commit_window``, ``on_demand``.
+    engine, as ``concurrent.futures`` does), ``task_timeout`` (seconds a task
+    may run before its worker is killed; None: no limit), ``commit_window``,
+    ``on_demand``.
 
     Parts: ``launcher``, ``sharer`` (automatic shares), ``encoder`` (task
     pickler), ``scheduler``, ``generations``, ``lock`` (guards the scheduler,
@@ -53,6 +55,7 @@ class EngineState:
         executor_semantics: bool,
         share_threshold: int | None,
         auto_share: bool,
+        task_timeout: float | None = None,
     ) -> None:
         self.launcher = launcher
         self.context = context
@@ -60,6 +63,7 @@ class EngineState:
         self.processes = processes
         self.max_tasks = max_tasks
         self.executor_semantics = executor_semantics
+        self.task_timeout = task_timeout
         by_reference = launcher.carries_references
         self.sharer = AutoSharer(share_threshold, auto_share, by_reference=by_reference)
         self.encoder = launcher.encoder(self.sharer)

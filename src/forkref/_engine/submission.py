@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 from forkref._engine.dispatcher import Dispatcher
@@ -34,10 +34,10 @@ from forkref._engine.state import EngineState
 from forkref._errors import BrokenPoolError, ReleasedError, TaskPicklingError
 from forkref._fork.safe import FORK_LOCK, paused_threads
 from forkref._refs.registry import Reference
-from forkref._share.taskpickle import FnBlob
+from forkref._share.taskpickle import CALL, FnBlob
 from forkref._shm import export as _export
 
-__all__ = ["Item", "Submitter", "check_main_guard"]
+__all__ = ["Item", "Submitter", "check_main_guard", "function_name"]
 
 _BATCH = 64  # at most this many tasks queued at once while a map is being pickled
 
@@ -108,6 +108,7 @@ class Submitter:
     ) -> None:
         state = self._state
         tasks = []
+        name = function_name(fn)
         with state.encoder.batch() as batch:
             for data, on_done, on_start, offset in chunk:
                 try:
@@ -126,6 +127,8 @@ class Submitter:
                     offset=offset,
                     on_done=on_done,
                     on_start=on_start,
+                    name=name,
+                    count=len(data) if kind != CALL and isinstance(data, Sized) else 1,
                 )
                 tasks.append(task)
             refs = batch.refs + fn_blob.refs
@@ -216,6 +219,14 @@ class Submitter:
                 # pausing: the current generation goes on serving its tasks.
                 if state.started:
                     self._dispatcher.start()
+
+
+def function_name(fn: Any) -> str:
+    """``fn``'s qualified name for messages (``Model.predict``), or its type's."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        return name
+    return f"{type(fn).__qualname__} object"
 
 
 def check_main_guard(start_method: str) -> None:

@@ -8,9 +8,11 @@ function id as :data:`FNID`, then the pickled ``(kind, data)``), ``STOP``.
 Worker to parent: ``READY`` (started, initializer done), ``OK`` / ``ERR``
 (the task's pickled result / ``(exception, traceback text)``),
 ``INIT_FAILED`` (the initializer's traceback), ``RETIRE`` (``max_tasks``
-reached). The parent's ends are non-blocking: the dispatcher reads
-whatever has arrived (:func:`read_messages`) and never waits on one worker
-while others have results for it. A zygote's control socket
+reached), ``STARTED`` (id: the task id; the task's function is being called
+now: sent only when the pool has a ``task_timeout``, whose clock it starts).
+The parent's ends are non-blocking: the dispatcher reads whatever has
+arrived (:func:`read_messages`) and never waits on one worker while others
+have results for it. A zygote's control socket
 (``SOCK_SEQPACKET``) carries one small datagram per message, file
 descriptors attached with ``SCM_RIGHTS`` when a worker is to be forked.
 
@@ -40,6 +42,7 @@ __all__ = [
     "READY",
     "READ_SIZE",
     "RETIRE",
+    "STARTED",
     "STOP",
     "TASK",
     "close_fd",
@@ -58,7 +61,7 @@ LEN = struct.Struct("!Q")
 HDR = struct.Struct("!QB")
 FNID = struct.Struct("!Q")
 TASK, STOP, FN = 0, 1, 2  # parent -> worker
-OK, ERR, INIT_FAILED, RETIRE, READY = 0, 1, 2, 3, 4  # worker -> parent
+OK, ERR, INIT_FAILED, RETIRE, READY, STARTED = 0, 1, 2, 3, 4, 5  # worker -> parent
 CTRL_ID = struct.Struct("!Qq")
 READ_SIZE = 1 << 20
 # Asked for on every worker socket; the kernel caps it at net.core.wmem_max.

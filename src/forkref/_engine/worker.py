@@ -6,7 +6,8 @@ runs :func:`worker_loop` on its socket::
     initializer(*initargs)  --fails-->  INIT_FAILED + traceback, exit
     READY
     loop: FN id blob       -> remember the pickled function under its id
-          TASK id fn payload -> run fn on the unpickled data -> OK result | ERR (exc, tb)
+          TASK id fn payload -> unpickle fn and data [-> STARTED id, with a task_timeout]
+                                -> run fn on the data -> OK result | ERR (exc, tb)
           STOP or EOF      -> exit
     after max_tasks: RETIRE, exit
 
@@ -47,6 +48,7 @@ from forkref._engine.wire import (
     OK,
     READY,
     RETIRE,
+    STARTED,
     STOP,
     recv,
     send,
@@ -86,6 +88,8 @@ class WorkerSetup:
             through its logger, as the stdlib does) instead of ``multiprocessing.Pool``'s.
         result_threshold: numpy/pandas/arrow parts of a result this big or bigger
             go back through shared memory (``forkref._shm.autoresult``); None: never.
+        report_start: send ``STARTED`` as each task's function is called (the
+            pool has a ``task_timeout``, whose clock starts then).
         owner: the pid results go to: the process that made this setup (the
             pool's parent), whatever process forks the workers.
         result_key: this pool's, in the names of its result segments, so the
@@ -98,6 +102,7 @@ class WorkerSetup:
     start_method: str
     executor: bool
     result_threshold: int | None = autoresult.DEFAULT_THRESHOLD
+    report_start: bool = False
     owner: int = field(default_factory=os.getpid)
     result_key: str = field(default_factory=lambda: secrets.token_hex(6))
 
@@ -124,7 +129,7 @@ def worker_loop(fd: int, setup: WorkerSetup) -> None:
         # Between tasks: let go of shared-memory copies the parent released
         # (one word read when nothing changed).
         export.before_task()
-        reply_op, body = _run_task(functions, memoryview(message)[HDR.size :], setup)
+        reply_op, body = _run_task(functions, memoryview(message)[HDR.size :], setup, fd, ident)
         del message
         # Before the send: once the parent has the reply, this worker may die
         # at any moment (killed, or by its next task) and the segments must stay.
@@ -196,13 +201,18 @@ class Functions:
         return fn
 
 
-def _run_task(functions: Functions, body: memoryview, setup: WorkerSetup) -> tuple[int, bytes]:
+def _run_task(
+    functions: Functions, body: memoryview, setup: WorkerSetup, fd: int, ident: int
+) -> tuple[int, bytes]:
     try:
         (fn_id,) = FNID.unpack_from(body)
         kind, data = pickle.loads(body[FNID.size :])
         fn = functions.get(fn_id)
     except BaseException as err:
         return error_reply(Error(_unpickle_failure(err, setup.start_method)))
+    if setup.report_start:
+        # Not before: importing the function's module (spawn, forkserver) is not the task's time.
+        send(fd, HDR.pack(ident, STARTED))
     threshold = setup.result_threshold
     return execute(kind, fn, data, lambda obj: autoresult.dumps(obj, threshold))
 

@@ -9,6 +9,9 @@
                     sentinel, the launcher's (a fork server's control socket)
     on_ready()      replies -> finished tasks; READY / RETIRE / INIT_FAILED;
                     launcher events -> pids, exit statuses, a lost fork server
+    check_timeouts() a task running past task_timeout fails (TaskTimeoutError),
+                    its worker is killed (a replacement follows at the next
+                    upkeep), the tasks behind it go back to the queue
     check_deaths()  workers whose channel ended: the task each was running fails
                     (WorkerDiedError), the ones behind it go back to the queue
 
@@ -22,6 +25,7 @@ Non-goals: no forking (generations are forked from the caller's thread, see
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -34,15 +38,18 @@ from forkref._engine.launcher import (
     WorkerStarted,
     main_guard_message,
 )
-from forkref._engine.model import Completion, Generation, Worker, exit_text
+from forkref._engine.model import Completion, Generation, Task, Worker, exit_text
 from forkref._engine.outcomes import Outcomes
 from forkref._engine.state import EngineState
 from forkref._engine.wire import HDR, INIT_FAILED, READY, RETIRE
-from forkref._errors import BrokenPoolError, WorkerDiedError
+from forkref._errors import BrokenPoolError, TaskTimeoutError, WorkerDiedError
+from forkref._share.taskpickle import CALL
 
 __all__ = ["Workforce"]
 
 _DEATH_GRACE = 1.0  # seconds to wait for an exit status after a worker's channel ended
+_POLL_MS, _DEATH_POLL_MS = 1000, 50  # poll timeouts: idle, and while a death is pending
+_DEADLINE_SLACK_MS = 5  # past a task's deadline, poll at least this long (no busy loop)
 
 
 class Workforce:
@@ -107,8 +114,8 @@ class Workforce:
 
     # -- readiness ----------------------------------------------------------------
 
-    def watch(self, watched: dict[int, Any]) -> bool:
-        """Add the descriptors to poll, each with its target; True if a death is pending."""
+    def watch(self, watched: dict[int, Any]) -> int:
+        """Add the descriptors to poll, each with its target; return the poll timeout in ms."""
         pending_death = False
         launcher = self._state.launcher
         for gen in self._state.generations.all:
@@ -121,7 +128,23 @@ class Workforce:
                     pending_death = True
                 if w.channel.sentinel is not None and w.status is None:
                     watched[w.channel.sentinel] = (w,)
-        return pending_death
+        if pending_death:
+            return _DEATH_POLL_MS
+        return self._until_deadline(_POLL_MS)
+
+    def _until_deadline(self, longest: int) -> int:
+        """Milliseconds until the next running task's ``task_timeout``, at most ``longest``."""
+        timeout = self._state.task_timeout
+        if timeout is None:
+            return longest
+        now = time.monotonic()
+        for gen in self._state.generations.all:
+            for w in gen.workers:
+                since = w.running_since()
+                if since is not None:
+                    left = math.ceil((since + timeout - now) * 1000)
+                    longest = min(longest, max(left, _DEADLINE_SLACK_MS))
+        return longest
 
     def on_ready(self, fd: int, target: Any, completions: list[Completion]) -> None:
         """Descriptor ``fd``, added by :meth:`watch` for ``target``, is readable."""
@@ -184,6 +207,36 @@ class Workforce:
                     w.eof_at = now
             if not gen.retiring:
                 self._outcomes.server_lost(gen, event, completions)
+
+    # -- timeouts -------------------------------------------------------------------
+
+    def check_timeouts(self, completions: list[Completion]) -> None:
+        """Fail the tasks running past ``task_timeout``; kill and replace their workers."""
+        timeout = self._state.task_timeout
+        if timeout is None:
+            return
+        for gen in self._state.generations.all:
+            for w in gen.workers:
+                if self._overdue(w, timeout) and w.pid is not None:
+                    # A reply that came in since the poll ends the task in time.
+                    self._on_worker_readable(w, completions)
+                    if w.live() and self._overdue(w, timeout):
+                        self._time_out(w, timeout, completions)
+
+    @staticmethod
+    def _overdue(w: Worker, timeout: float) -> bool:
+        since = w.running_since()
+        return since is not None and time.monotonic() - since >= timeout
+
+    def _time_out(self, w: Worker, timeout: float, completions: list[Completion]) -> None:
+        # Only the first task it held was running: the others go back to the queue.
+        # Its end is then that of a worker stopped with nothing in flight: no
+        # WorkerDiedError, and an executor does not break.
+        running = self._state.scheduler.worker_gone(w)
+        assert running is not None
+        w.stopping = True
+        w.channel.kill()
+        completions.append((running, -1, TaskTimeoutError(_timeout_message(running, timeout, w))))
 
     # -- deaths -------------------------------------------------------------------
 
@@ -263,6 +316,27 @@ class Workforce:
             f"worker pid {w.pid} exited ({how}) before it could run any task, {where}. The pool "
             "cannot start workers, so it is broken; fix that and create a new pool"
         )
+
+
+def _timeout_message(task: Task, timeout: float, w: Worker) -> str:
+    fn = f"{task.name or 'the function'}()"
+    fix = "raise task_timeout, or split the work into shorter tasks"
+    if task.kind == CALL:
+        what = f"the task {fn}"
+    elif task.count == 1:
+        what = f"item {task.offset} of the map of {fn}"
+    else:
+        last = task.offset + task.count - 1
+        what = (
+            f"the chunk of items {task.offset} to {last} of the map of {fn} (with chunksize > 1, "
+            "task_timeout applies to each chunk as one task)"
+        )
+        fix = "raise task_timeout, use a smaller chunksize, or split the work into shorter tasks"
+    return (
+        f"{what} ran past task_timeout={timeout:g} (seconds), so forkref killed its worker "
+        f"(pid {w.pid}) and started a replacement; only this task fails, the pool goes on. "
+        f"To let such work finish, {fix}"
+    )
 
 
 def _death_cause(status: int | None) -> str:

@@ -51,16 +51,24 @@ class PoolBase:
         backend: str = "local",
         address: str | None = None,
         result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
+        task_timeout: float | None = None,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         for name, value in (("share", share_threshold), ("result", result_threshold)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name}_threshold must be a number of bytes >= 0, or None")
+        _check_task_timeout(task_timeout, backend)
         context = context if context is not None else default_context()
         # launcher_for sets the start method the workers really use.
         setup = WorkerSetup(
-            initializer, tuple(initargs), max_tasks, "", executor_semantics, result_threshold
+            initializer,
+            tuple(initargs),
+            max_tasks,
+            "",
+            executor_semantics,
+            result_threshold=result_threshold,
+            report_start=task_timeout is not None,
         )
         self._engine = Engine(
             launcher_for(backend, processes, context, setup, address),
@@ -70,6 +78,7 @@ class PoolBase:
             executor_semantics=executor_semantics,
             share_threshold=share_threshold,
             auto_share=auto_share,
+            task_timeout=task_timeout,
         )
 
     @staticmethod
@@ -141,3 +150,20 @@ class EngineLifetime:
     def close(self) -> None:
         """Nothing to do: the engine closes itself once shut down."""
 
+
+def _check_task_timeout(task_timeout: float | None, backend: str) -> None:
+    """``task_timeout=``: seconds > 0 (``inf``: no limit) or None, on the local backend."""
+    if task_timeout is None:
+        return
+    if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
+        raise TypeError(
+            f"task_timeout must be a number of seconds or None, not {type(task_timeout).__name__}"
+        )
+    if not task_timeout > 0:  # also NaN
+        raise ValueError(f"task_timeout must be seconds > 0, or None, not {task_timeout}")
+    if backend == "ray":
+        raise ValueError(
+            "task_timeout is not supported with backend='ray': a Ray actor is sent several "
+            "tasks per call, so forkref cannot tell when one of them starts, nor stop it "
+            "without losing the others. Leave task_timeout=None on Ray, or use the local backend"
+        )

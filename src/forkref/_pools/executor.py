@@ -100,6 +100,9 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             shared memory; see :class:`forkref.Pool` (default 1 MiB; ``None``: off).
         backend: ``"local"`` or ``"ray"``; see :class:`forkref.Pool`.
         address: the Ray cluster for ``backend="ray"``; see :class:`forkref.Pool`.
+        task_timeout: seconds a task may run once a worker starts it; past
+            that its future fails with :class:`~forkref.TaskTimeoutError`, its
+            worker is replaced, and the executor goes on (it does not break).
     """
 
     __module__ = "forkref"
@@ -117,6 +120,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         backend: str = "local",
         address: str | None = None,
         result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
+        task_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -140,6 +144,7 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
             backend=backend,
             address=address,
             result_threshold=result_threshold,
+            task_timeout=task_timeout,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False
@@ -192,12 +197,15 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         futures: list[Future[Any]] = []
         tasks = []
+        offset = 0  # of a map chunk's first item, for messages
         for data in chunks:
             future: Future[Any] = Future()
             futures.append(future)
             # Counted before the future resolves: whoever sees the result sees the count.
             on_done = counted(bar, _completer(future))
-            tasks.append((data, on_done, future.set_running_or_notify_cancel, 0))
+            tasks.append((data, on_done, future.set_running_or_notify_cancel, offset))
+            if kind != CALL:
+                offset += len(data)
         try:
             self._engine.submit_many(kind, fn, tasks)
         except (TaskPicklingError, ReleasedError) as err:  # the function: every future has it

@@ -75,6 +75,9 @@ class Pool(PoolBase):
             (``"10.0.0.5:6379"``, ``"ray://..."``). Default: the Ray already
             initialised in this process, else ``RAY_ADDRESS``, else a local
             Ray instance started for the pool and shut down at its close.
+        task_timeout: seconds a task (a chunk of a map) may run, counted from
+            when its worker starts it; past that it fails with
+            :class:`~forkref.TaskTimeoutError` and its worker is replaced.
 
     Mutation semantics: a worker sees every shared object (explicit handles
     and automatic ones) as it was when that worker's generation forked.
@@ -95,6 +98,7 @@ class Pool(PoolBase):
         backend: str = "local",
         address: str | None = None,
         result_threshold: int | None = DEFAULT_RESULT_THRESHOLD,
+        task_timeout: float | None = None,
     ) -> None:
         if processes is None:
             processes = os.cpu_count() or 1
@@ -117,6 +121,7 @@ class Pool(PoolBase):
             backend=backend,
             address=address,
             result_threshold=result_threshold,
+            task_timeout=task_timeout,
         )
         self._state = "RUN"
         self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()

@@ -54,6 +54,7 @@ below the first level are pickled (pass ``forkref.share(obj)`` for those).
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import functools
 import importlib
 import io
@@ -66,6 +67,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from forkref._errors import ReleasedError, TaskPicklingError, file_limit_text, is_file_limit
@@ -167,9 +169,25 @@ class _TaskPickler(pickle.Pickler):
     def __init__(self, file: Any, encoder: TaskEncoder) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._encoder = encoder
+        self.dispatch_table = _process_reducers()
 
     def reducer_override(self, obj: Any) -> Any:
         return self._encoder._reduce(obj)
+
+
+def _process_reducers() -> dict[Any, Any]:
+    """copyreg's reducers, plus those forkref's own types registered for other processes.
+
+    A task goes to another process, as with multiprocessing's pickler: a
+    compact container travels as a reference to one shared segment, not as
+    its bytes. Only forkref's entries are borrowed from ForkingPickler (which
+    a lower layer can read without importing the types): other libraries'
+    (torch tensors, sockets) keep pickling as they do in a forkref task.
+    """
+    table = dict(copyreg.dispatch_table)
+    forking = ForkingPickler(io.BytesIO()).dispatch_table
+    table.update((cls, fn) for cls, fn in forking.items() if cls.__module__ == "forkref")
+    return table
 
 
 class TaskEncoder:

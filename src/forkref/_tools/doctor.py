@@ -409,7 +409,8 @@ def _shm_verdict(found: dict[str, Any]) -> Verdict:
 
 def _compact_verdict() -> Verdict:
     name = "compact containers"
-    from forkref._memory.compact import compact, compact_dict
+    from forkref._memory.compact import compact
+    from forkref._memory.compactdict import compact_dict
 
     items = [{"id": 1}, {"id": 2}]
     try:
