@@ -24,6 +24,12 @@ How a task travels (the launcher makes the channels; the actor side is
   :mod:`forkref._launchers.ray.placement`), the channel ends before READY
   with its :attr:`~forkref._engine.launcher.Channel.startup_error` and the
   engine breaks the pool with it.
+* **Big results.** A call returns its replies and, beside them, the big
+  numpy/pandas/arrow parts of their results (:mod:`forkref._launchers.ray.results`):
+  Ray keeps that return in its store, owned by this driver. The channel holds
+  the call's ObjectRef until the value is read (Ray's completion callback
+  cannot fetch a stored return whose reference is gone), then files the parts
+  for the engine's decode of the replies.
 * **Loss.** An actor that dies (its process, or its node) fails its call
   with ``RayActorError``; every task of that call gets a
   :class:`~forkref.WorkerDiedError` reply (they may have run: they are
@@ -241,10 +247,9 @@ class RayChannel(Channel):
     def close(self) -> None:
         """Release the pipe and the actor handle. Idempotent."""
         self._placement.cancel()
-        # Replies handed on are decoded before the channel closes; what is left
-        # belongs to replies the engine dropped (a terminated pool).
+        # Replies handed on were decoded by now: parts left are of dropped replies.
         results.discard(self._filed)
-        self._filed.clear()
+        self._filed = set()
         with self._pipe_lock:
             for fd in (self.fd, self._wake_w):
                 close_fd(fd)
@@ -356,9 +361,7 @@ class RayChannel(Channel):
 
     def _in_order(self, call: _Call) -> list[bytes]:
         if call.parts:  # filed before the replies naming them are decoded
-            self._filed = results.waiting(self._filed)
-            results.arrive(call.parts)
-            self._filed.update(token for token, _ in call.parts)
+            self._filed = results.arrive(call.parts, self._filed)
             call.parts = []  # the store's views live in the table only, until received
         by_id = dict(call.answered)
         control = []

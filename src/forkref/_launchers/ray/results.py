@@ -53,7 +53,7 @@ from typing import Any
 from forkref._errors import Error
 from forkref._shm.autoresult import big_nbytes
 
-__all__ = ["arrive", "discard", "dumps", "receive", "waiting"]
+__all__ = ["arrive", "discard", "dumps", "receive"]
 
 Parts = list[tuple[str, object]]
 
@@ -118,16 +118,12 @@ def _parts_pickler(base: type) -> Any:
     return PartsPickler
 
 
-def arrive(parts: Iterable[tuple[str, object]]) -> None:
-    """In the driver: file a call's parts for :func:`receive` (the replies naming them follow)."""
+def arrive(parts: Parts, earlier: Iterable[str] = ()) -> set[str]:
+    """In the driver: file a call's parts for :func:`receive` (the replies naming them
+    follow); the tokens of those and of ``earlier`` not received yet."""
     with _lock:
         _arrived.update(parts)
-
-
-def waiting(tokens: Iterable[str]) -> set[str]:
-    """Those of ``tokens`` whose parts were not received yet."""
-    with _lock:
-        return {t for t in tokens if t in _arrived}
+        return {t for t in earlier if t in _arrived} | {token for token, _ in parts}
 
 
 def discard(tokens: Iterable[str]) -> None:
