@@ -29,13 +29,14 @@ import logging
 import multiprocessing.connection
 import os
 import pickle
+import secrets
 import select
 import sys
 import threading
 import traceback
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from forkref._engine.wire import (
@@ -89,6 +90,10 @@ class WorkerSetup:
             go back through shared memory (``forkref._shm.autoresult``); None: never.
         report_start: send ``STARTED`` as each task's function is called (the
             pool has a ``task_timeout``, whose clock starts then).
+        owner: the pid results go to: the process that made this setup (the
+            pool's parent), whatever process forks the workers.
+        result_key: this pool's, in the names of its result segments, so the
+            parent can sweep those of replies it never read.
     """
 
     initializer: Callable[..., object] | None
@@ -98,10 +103,13 @@ class WorkerSetup:
     executor: bool
     result_threshold: int | None = autoresult.DEFAULT_THRESHOLD
     report_start: bool = False
+    owner: int = field(default_factory=os.getpid)
+    result_key: str = field(default_factory=lambda: secrets.token_hex(6))
 
 
 def worker_loop(fd: int, setup: WorkerSetup) -> None:
     """Run tasks from ``fd`` until told to stop, EOF, or ``setup.max_tasks`` done."""
+    autoresult.serve(setup.owner, setup.result_key)
     if not _initialize(fd, setup):
         return
     send(fd, HDR.pack(0, READY))
@@ -123,8 +131,10 @@ def worker_loop(fd: int, setup: WorkerSetup) -> None:
         export.before_task()
         reply_op, body = _run_task(functions, memoryview(message)[HDR.size :], setup, fd, ident)
         del message
+        # Before the send: once the parent has the reply, this worker may die
+        # at any moment (killed, or by its next task) and the segments must stay.
+        autoresult.hand_over()
         send(fd, HDR.pack(ident, reply_op), body)
-        autoresult.sent()  # its result segments now wait for the parent, not this worker
         done += 1
     send(fd, HDR.pack(0, RETIRE))
 

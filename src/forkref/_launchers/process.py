@@ -34,6 +34,7 @@ from forkref._engine.launcher import (
 from forkref._engine.model import Channel, Generation
 from forkref._engine.worker import WorkerSetup, spawned_worker_main
 from forkref._errors import file_limit_text, is_file_limit, near_file_limit
+from forkref._shm import autoresult
 
 __all__ = ["ProcessChannel", "ProcessLauncher"]
 
@@ -151,6 +152,8 @@ class ProcessLauncher(Launcher):
             _release_process(channel.process)
 
     def close(self) -> None:
+        # Every reply the pool will read has been read: results in the others go.
+        autoresult.sweep(self.setup.result_key)
         # The initializer's arguments may be anything of the caller's (a Queue
         # whose semaphores the resource tracker counts): not kept past the end.
         self.setup = _NO_SETUP

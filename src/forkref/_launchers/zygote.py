@@ -49,6 +49,7 @@ from forkref._engine.worker import WorkerSetup, flush_stdio, worker_loop
 from forkref._errors import ForkError, file_limit_text, is_file_limit
 from forkref._fork.safe import fork_child
 from forkref._refs import forkrecord
+from forkref._shm import autoresult
 
 __all__ = ["ZygoteLauncher", "zygote_main"]
 
@@ -210,6 +211,8 @@ class ZygoteLauncher(Launcher):
         return [] if server.pid is None else [server.pid]
 
     def close(self) -> None:
+        # Every reply the pool will read has been read: results in the others go.
+        autoresult.sweep(self.setup.result_key)
         # The initializer's arguments are the caller's: not kept past the end.
         self.setup = WorkerSetup(None, (), None, "fork", executor=False)
 

@@ -15,15 +15,21 @@ How data flows::
 A worker that dies while writing leaves nothing (the segment has no name
 yet); one that dies after naming segments but before sending the reply
 naming them leaves nothing either (the janitor watches the worker alone
-until :func:`sent`). After that, a segment the parent never opens is
-unlinked once the worker and the parent are gone (see ``segments``).
+until :func:`hand_over`, just before the send). After that the janitor watches the *pool's parent*
+(:func:`serve` names it), not the worker nor whatever forked it (a fork
+server, a forkserver): those may all exit before the parent reads the
+reply, and the result must still be there; if the parent dies first, the
+janitor unlinks it. A reply the parent never reads (a terminated pool) is
+swept when the pool ends: names carry the pool's key (:func:`sweep`).
 Anything that cannot go through a segment (no room, no ``O_TMPFILE``) is
 pickled into the reply as before: the result always arrives.
 
 Package API:
     DEFAULT_THRESHOLD                  1 MiB, as the pools' share_threshold
+    serve(owner, key)                  in a worker: results go to pid owner, names carry key
     dumps(obj, threshold) -> bytes     a reply, big buffers in segments
-    sent()                             call once that reply is sent
+    hand_over()                        call just before that reply is sent
+    sweep(key)                         in the parent, once no reply will be read: the rest go
     receive(path, size, typename)      the parent's side (pickled by reference)
 
 Non-goals: results are not reused segments (the warm store is for exports);
@@ -42,21 +48,38 @@ from typing import Any
 from forkref._errors import SharedMemoryError
 from forkref._shm import segments, serialize
 
-__all__ = ["DEFAULT_THRESHOLD", "dumps", "receive", "sent"]
+__all__ = ["DEFAULT_THRESHOLD", "dumps", "hand_over", "receive", "serve", "sweep"]
 
 DEFAULT_THRESHOLD = 1 << 20  # as share_threshold: below it, a pipe is as fast
 
 
 _unsent: list[str] = []  # named, but the reply naming them is not sent yet
+_owner: int | None = None  # the process results go to (None: this one's parent)
+_key = ""  # the pool's, in every result name
 
 
-def sent() -> None:
-    """The reply is sent: its segments must now outlive this worker until the parent
-    opens them (until then a worker's death unlinks them)."""
+def serve(owner: int, key: str) -> None:
+    """In a pool worker: its results go to process ``owner``; their names carry ``key``."""
+    global _owner, _key
+    _owner, _key = owner, key
+
+
+def hand_over() -> None:
+    """The reply is about to be sent: its segments must now outlive this worker (and
+    whatever forked it) until the owner opens them; until now a worker's death unlinked
+    them. Called before the send, not after: the parent may have the reply, and kill
+    this worker, before a call after the send would run (a result lost). A worker that
+    dies between the two leaves its segments to the pool's end (:func:`sweep`)."""
     if _unsent:
         paths = _unsent[:]
         del _unsent[:]
-        segments.hand_over(paths)
+        segments.hand_over(paths, _owner)
+
+
+def sweep(key: str) -> int:
+    """In a pool's parent that will read no more replies: unlink the results of the pool
+    whose names carry ``key`` (replies never read); how many."""
+    return segments.sweep(key)
 
 
 def dumps(obj: object, threshold: int | None) -> bytes:
@@ -126,7 +149,7 @@ def _write(obj: object, what: str) -> tuple[str, int]:
     fd = segments.create_anonymous(p.size, what)
     try:
         serialize.write(p, fd, what)
-        return segments.publish(fd, what), p.size
+        return segments.publish(fd, what, _key), p.size
     finally:
         os.close(fd)
 

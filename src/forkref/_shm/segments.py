@@ -21,8 +21,10 @@ use it:
   have a name: ``forkref-r-`` and 128 random bits, mode 0600, created with
   ``O_EXCL``. The importer opens and unlinks it at once. For the window in
   between, a tiny *janitor* process (one per process that writes results,
-  inherited by its forked children) unlinks every name whose writer and the
-  writer's parent have both died, then exits. Until then a result that is
+  inherited by its forked children) unlinks every name whose watched
+  processes have all died (the writer and its parent; for a pool's automatic
+  results, the writer until the reply is sent, then the pool's parent),
+  then exits. Until then a result that is
   never imported stays in the directory, unless the token that names it
   dies in the process that received it (:class:`forkref.ResultToken`).
 
@@ -36,11 +38,12 @@ Package API (everything else is private):
     check_space(nbytes, what) -> None                 raises SharedMemoryFullError
     create_anonymous(nbytes, what) -> int (fd)
     create_named(nbytes, what) -> (path, fd)         janitor-watched
-    publish(fd, what) -> path                        an anonymous segment, once written,
+    publish(fd, what, key) -> path                   an anonymous segment, once written,
                                                      under a result name, unlinked if its
                                                      writer dies before hand_over()
-    hand_over(paths) -> None                         the reply naming them is sent: keep
-                                                     them while the parent lives too
+    hand_over(paths, owner) -> None                  the reply naming them is sent: keep
+                                                     them while their receiver lives
+    sweep(key) -> int                                unlink the names made with a key
     write_at(fd, offset, data, what) -> None
     map_readonly(fd, size) -> mmap.mmap
     open_and_unlink(path, what) -> (fd, size)
@@ -76,6 +79,7 @@ __all__ = [
     "open_and_unlink",
     "publish",
     "segment_dir",
+    "sweep",
     "write_at",
 ]
 
@@ -171,41 +175,62 @@ def create_named(nbytes: int, what: str) -> tuple[str, int]:
     return path, fd
 
 
-def publish(fd: int, what: str) -> str:
+def publish(fd: int, what: str, key: str = "") -> str:
     """Give a written anonymous segment a result name; return the path.
 
     For results written before they have a name: a writer that dies while
     writing leaves nothing behind (the segment never had a name), and one
     that dies before :func:`hand_over` leaves nothing either (the janitor
-    watches the writer alone until then). Linux only (``O_TMPFILE`` and
-    ``/proc``); elsewhere raises :class:`SharedMemoryError`.
+    watches the writer alone until then, from before the name exists: no
+    instant has a name nobody watches). ``key`` (a pool's) goes into the
+    name, for :func:`sweep`. Linux only (``O_TMPFILE`` and ``/proc``);
+    elsewhere raises :class:`SharedMemoryError`.
     """
     directory = segment_dir()
-    path = os.path.join(directory, RESULT_PREFIX + secrets.token_hex(16))
+    name = RESULT_PREFIX + (f"{key}-" if key else "") + secrets.token_hex(16)
+    path = os.path.join(directory, name)
+    _janitor_watch(path, what, [os.getpid()], new=True)
     try:
         # With a dir_fd, os.link calls linkat(AT_SYMLINK_FOLLOW); without, link(),
         # which would link the /proc symlink itself (EXDEV).
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=dir_fd)
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
     except OSError as err:
         raise SharedMemoryError(
             f"cannot name the segment for {what} in {directory!r}: {err}"
         ) from err
-    try:
-        _janitor_watch(path, what, [os.getpid()])
-    except BaseException:
-        unlink_quietly(path)
-        raise
     return path
 
 
-def hand_over(paths: list[str]) -> None:
-    """The reply naming ``paths`` is on its way: the janitor now waits for the parent too."""
+def hand_over(paths: list[str], owner: int | None = None) -> None:
+    """The reply naming ``paths`` is on its way: keep them while the receiver lives.
+
+    ``owner``: the pid of the process that will open them (a pool's parent,
+    whatever process forked the writer: a fork server, a forkserver); without
+    it, the writer and its parent.
+    """
     for path in paths:
-        _janitor_watch(path, "a result")
+        _janitor_watch(path, "a result", None if owner is None else [owner])
+
+
+def sweep(key: str) -> int:
+    """Unlink every result name made with ``key`` (see :func:`publish`); how many.
+
+    For a pool's parent once it will decode no more replies: results in
+    replies it never read (a terminated pool) go now, not when it exits.
+    """
+    prefix = f"{RESULT_PREFIX}{key}-"
+    directory = segment_dir()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return 0
+    for name in names:
+        unlink_quietly(os.path.join(directory, name))
+    return len(names)
 
 
 def _create_exclusive(directory: str, prefix: str, what: str) -> tuple[str, int]:
@@ -291,12 +316,15 @@ def open_and_unlink(path: str, what: str) -> tuple[int, int]:
 
 # -- the janitor ---------------------------------------------------------------
 #
-# Reads one JSON line per named segment ({"path": ..., "pids": [writer,
-# writer's parent]}) on stdin; every 0.2 s forgets names already gone and
-# unlinks names whose pids are all dead (zombies count as dead). Exits once
-# stdin is closed (every process holding the pipe is gone) and nothing is left
-# to watch. It ignores SIGINT and runs in its own session, so a Ctrl-C that
-# kills the writers does not kill their cleaner.
+# Reads one JSON line per named segment ({"path": ..., "pids": [...]}, with
+# "new": true if the name does not exist yet) on stdin; every 0.2 s forgets
+# names that existed and are gone, and unlinks names whose pids are all dead
+# (zombies count as dead), whether or not the name exists yet: a writer
+# announces a name before it creates it, so a writer killed in between leaves
+# nothing. Exits once stdin is closed (every process holding
+# the pipe is gone) and nothing is left to watch. It ignores SIGINT and runs
+# in its own session, so a Ctrl-C that kills the writers does not kill their
+# cleaner.
 _JANITOR_CODE = r"""
 import os
 # Drop every descriptor inherited from the writer first: holding the end of
@@ -309,28 +337,39 @@ helpers = {"__name__": "forkref_os"}
 with open(sys.argv[2], "rb") as f:
     exec(compile(f.read(), sys.argv[2], "exec"), helpers)
 alive = helpers["process_running"]
-watched, buf, reading = {}, b"", True
+watched, seen, buf, reading = {}, set(), b"", True
 while reading or watched:
-    if reading and select.select([0], [], [], 0.2)[0]:
+    if not reading:
+        time.sleep(0.2)
+    # Everything written so far is read before any pid is judged: a writer's
+    # later line for a path (a hand-over to the parent) must win over its first.
+    wait, chunks = 0.2, 0
+    while reading and chunks < 256 and select.select([0], [], [], wait)[0]:
         chunk = os.read(0, 65536)
         reading = bool(chunk)
+        wait, chunks = 0, chunks + 1
         *lines, buf = (buf + chunk).split(b"\n")
         for line in lines:
             try:
                 msg = json.loads(line)
                 watched[msg["path"]] = msg["pids"]
+                if not msg.get("new"):  # it existed when sent
+                    seen.add(msg["path"])
             except Exception:
                 pass
-    elif not reading:
-        time.sleep(0.2)
     for path, pids in list(watched.items()):
-        if not os.path.lexists(path):
+        if os.path.lexists(path):
+            seen.add(path)
+        elif path in seen:
+            seen.discard(path)
             del watched[path]
-        elif not any(alive(p) for p in pids):
+            continue
+        if not any(alive(p) for p in pids):
             try:
                 os.unlink(path)
             except OSError:
                 pass
+            seen.discard(path)
             del watched[path]
 """
 
@@ -369,9 +408,10 @@ def _exists(pid: int | None) -> bool:
     return True
 
 
-def _janitor_watch(path: str, what: str, pids: list[int] | None = None) -> None:
+def _janitor_watch(path: str, what: str, pids: list[int] | None = None, new: bool = False) -> None:
     # A second line for a path replaces its pids (the janitor keeps the last).
-    line = json.dumps({"path": path, "pids": pids or _watched_pids()}).encode() + b"\n"
+    msg = {"path": path, "pids": pids or _watched_pids(), "new": new}
+    line = json.dumps(msg).encode() + b"\n"
     with _janitor_lock:
         fd = _janitor_fd if _janitor_fd is not None else _start_janitor()
         _remember(path, line)

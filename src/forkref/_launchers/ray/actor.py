@@ -15,9 +15,11 @@ How a call flows (the driver side is :mod:`forkref._launchers.ray.channel`)::
               data))]                                 `forget` names it
      refs:    the References first sent here        each task is unpickled with its
      objects: their ObjectRefs, one per ref           References resolved to objects[ref]
-  replies, one per task (HDR + body, as <---------- [HDR(task id, OK/ERR) + pickled result
-  forkref._engine.wire frames them), RETIRE at               or (exception, traceback text)]
-  max_tasks
+  replies, one per task (HDR + body, as <---------- ([HDR(task id, OK/ERR) + pickled result
+  forkref._engine.wire frames them), RETIRE at               or (exception, traceback text)],
+  max_tasks; big result parts beside them                the big parts of those results:
+  (forkref._launchers.ray.results)                        numpy/pandas/arrow >= threshold,
+                                                          through the object store)
 
 An object reaches an actor once: the driver passes its ObjectRef the first
 time a task sent to that actor refers to it, and only the Reference after
@@ -40,26 +42,21 @@ import traceback
 from forkref._engine.wire import HDR, RETIRE
 from forkref._engine.worker import Functions, WorkerSetup, error_reply, execute
 from forkref._errors import Error
+from forkref._launchers.ray import results
 from forkref._refs.registry import Reference, set_pool_worker
 from forkref._share.handle import supplied
 
 __all__ = ["RayWorker", "dumps_reply"]
 
 
-
 def dumps_reply(obj: object) -> bytes:
-    """Pickle a result or an exception for the driver.
+    """Pickle a result or an exception for the driver, whole (no part left out).
 
     Plain pickle first (fastest); then Ray's cloudpickle, which also sends
     classes defined in the driver's ``__main__`` (they reached this actor by
     value) back by value: the driver maps them to its own classes again.
     """
-    try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        from ray import cloudpickle
-
-        return bytes(cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+    return results.dumps(obj, None, [])
 
 
 class RayWorker:
@@ -92,8 +89,9 @@ class RayWorker:
         refs: list[Reference],
         forget: list[Reference],
         *objects: object,
-    ) -> list[bytes]:
-        """Run ``calls`` in order; one framed reply per task (see the module docstring)."""
+    ) -> tuple[list[bytes], results.Parts]:
+        """Run ``calls`` in order: one framed reply per task, and the big parts of their
+        results, returned beside them (see the module docstring)."""
         for ref in forget:
             self._objects.pop(ref, None)
         self._objects.update(zip(refs, objects, strict=True))
@@ -101,15 +99,16 @@ class RayWorker:
         for fn_id, blob in fns:
             self._functions.add(fn_id, blob)
         replies = []
+        parts: results.Parts = []
         max_tasks = self._setup.max_tasks
         for task_id, fn_id, payload in calls:
-            op, body = self._run_task(fn_id, payload)
+            op, body = self._run_task(fn_id, payload, parts)
             replies.append(HDR.pack(task_id, op) + body)
             self._done += 1
             if max_tasks is not None and self._done >= max_tasks:
                 replies.append(HDR.pack(0, RETIRE))  # the driver sends no more than that
                 break
-        return replies
+        return replies, parts
 
     def memory(self) -> tuple[str, int, int, int, int, int]:
         """``(node id, pid, rss, uss, pss, swap)`` of this actor's process, in bytes."""
@@ -123,7 +122,7 @@ class RayWorker:
 
     # -- one task ------------------------------------------------------------------
 
-    def _run_task(self, fn_id: int, payload: bytes) -> tuple[int, bytes]:
+    def _run_task(self, fn_id: int, payload: bytes, parts: results.Parts) -> tuple[int, bytes]:
         # References in the task (and any a task unpickles itself) resolve to the
         # objects Ray handed this actor: there is no registry of the driver's here.
         with supplied(self._objects):
@@ -138,4 +137,11 @@ class RayWorker:
                     "the nodes, or ship it with ray.init(runtime_env={'py_modules': [...]})"
                 )
                 return error_reply(wrapped, dumps_reply)
-            return execute(kind, fn, data, dumps_reply, who="Ray worker")
+            threshold = self._setup.result_threshold
+            return execute(
+                kind,
+                fn,
+                data,
+                lambda obj: results.dumps(obj, threshold, parts),
+                who="Ray worker",
+            )

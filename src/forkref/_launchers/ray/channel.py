@@ -24,6 +24,12 @@ How a task travels (the launcher makes the channels; the actor side is
   :mod:`forkref._launchers.ray.placement`), the channel ends before READY
   with its :attr:`~forkref._engine.launcher.Channel.startup_error` and the
   engine breaks the pool with it.
+* **Big results.** A call returns its replies and, beside them, the big
+  numpy/pandas/arrow parts of their results (:mod:`forkref._launchers.ray.results`):
+  Ray keeps that return in its store, owned by this driver. The channel holds
+  the call's ObjectRef until the value is read (Ray's completion callback
+  cannot fetch a stored return whose reference is gone), then files the parts
+  for the engine's decode of the replies.
 * **Loss.** An actor that dies (its process, or its node) fails its call
   with ``RayActorError``; every task of that call gets a
   :class:`~forkref.WorkerDiedError` reply (they may have run: they are
@@ -57,6 +63,7 @@ from forkref._engine.model import Channel, Task
 from forkref._engine.wire import ERR, HDR, INIT_FAILED, OWN_FDS, READY, RETIRE, close_fd
 from forkref._engine.worker import MAX_FUNCTIONS
 from forkref._errors import NotInheritedError, TaskPicklingError, WorkerDiedError
+from forkref._launchers.ray import results
 from forkref._launchers.ray.objects import ObjectTable
 from forkref._launchers.ray.placement import RECHECK, Deadline
 from forkref._refs.registry import Reference
@@ -105,6 +112,11 @@ class _Call:
     answered: dict[int, bytes] = field(default_factory=dict)  # failed before leaving
     done: bool = False
     replies: list[bytes] = field(default_factory=list)
+    parts: results.Parts = field(default_factory=list)  # big parts of the results
+    # The call's ObjectRef, held until its value is read: a return value in the
+    # object store (big parts) must have a live reference when Ray's completion
+    # callback fetches it, or its owner (this driver) no longer knows it.
+    ref: Any = None
     error: BaseException | None = None
 
 
@@ -148,6 +160,7 @@ class RayChannel(Channel):
         self._functions: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._sent: set[Reference] = set()  # References whose object this actor holds
         self._forgotten = 0  # how much of ObjectTable.dropped this actor was told
+        self._filed: set[str] = set()  # tokens of big parts handed on, maybe not received yet
         self._started: Any = None  # where()'s answer, or the error that ended the actor
         self._ready = False
         self._lost = False
@@ -186,6 +199,7 @@ class RayChannel(Channel):
         replies = self._started_replies()
         while self._ready and self._calls and self._calls[0].done and not self._lost:
             call = self._calls.popleft()
+            call.ref = None
             if call.error is None:
                 replies += self._in_order(call)
             else:
@@ -233,6 +247,9 @@ class RayChannel(Channel):
     def close(self) -> None:
         """Release the pipe and the actor handle. Idempotent."""
         self._placement.cancel()
+        # Replies handed on were decoded by now: parts left are of dropped replies.
+        results.discard(self._filed)
+        self._filed = set()
         with self._pipe_lock:
             for fd in (self.fd, self._wake_w):
                 close_fd(fd)
@@ -278,8 +295,8 @@ class RayChannel(Channel):
         if not calls:
             self._on_call_done(call, [])
             return
-        future = self._actor.run.remote(fns, calls, refs, self._to_forget(), *objects)
-        future._on_completed(functools.partial(self._on_call_done, call))
+        call.ref = self._actor.run.remote(fns, calls, refs, self._to_forget(), *objects)
+        call.ref._on_completed(functools.partial(self._on_call_done, call))
 
     def _carry(
         self, task_refs: Iterable[Reference], refs: list[Reference], objects: list[Any]
@@ -343,6 +360,9 @@ class RayChannel(Channel):
         return [HDR.pack(0, READY)]
 
     def _in_order(self, call: _Call) -> list[bytes]:
+        if call.parts:  # filed before the replies naming them are decoded
+            self._filed = results.arrive(call.parts, self._filed)
+            call.parts = []  # the store's views live in the table only, until received
         by_id = dict(call.answered)
         control = []
         for reply in call.replies:
@@ -381,7 +401,7 @@ class RayChannel(Channel):
         if isinstance(value, BaseException):
             call.error = value
         else:
-            call.replies = value
+            call.replies, call.parts = value
         call.done = True
         self._wake()
 

@@ -23,7 +23,9 @@ __all__: list[str] = []
 
 BIG = ("frame", "dicts")
 _NO_OBJECT = "no object to share: the tasks' arguments are small"
-_NO_RESULTS = "results have no automatic route; export_result() is the way (forkref.Pool row)"
+_SAME_RESULTS = (
+    "every forkref.Pool sends big results back through shared memory: see the forkref.Pool row"
+)
 
 
 # -- helpers -----------------------------------------------------------------------
@@ -212,7 +214,6 @@ def _forkref_methods(
     name: str,
     label: str,
     make: Callable[[Run], Any],
-    results: bool,
     around: Callable[[Run], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> None:
     """Register ``name``'s workloads: a ``forkref.Pool`` made by ``make``, fed handles.
@@ -237,12 +238,11 @@ def _forkref_methods(
         with setting(run), _lifetime(run, make(run)) as pool:
             return _map_each_frame(run, pool, share)
 
-    if results:
-
-        @implements(name, "result", label=f"{label} + export_result()")
-        def result(run: Run) -> Any:
-            with setting(run), _lifetime(run, make(run)) as pool:
-                return _import_all(pool.starmap(tasks.exported_result, _result_args(run)))
+    # The stdlib's task, unchanged: the automatic route (result_threshold) is measured.
+    @implements(name, "result", label=label)
+    def result(run: Run) -> Any:
+        with setting(run), _lifetime(run, make(run)) as pool:
+            return pool.starmap(tasks.result, _result_args(run))
 
     @implements(name, "tiny", label=label)
     def tiny(run: Run) -> Any:
@@ -251,7 +251,7 @@ def _forkref_methods(
 
 
 method("forkref", "forkref.Pool + share()")
-_forkref_methods("forkref", "forkref.Pool", _forkref_pool, results=True)
+_forkref_methods("forkref", "forkref.Pool", _forkref_pool)
 
 
 # -- forkref.Pool(auto_share=True) with the plain object ----------------------------
@@ -259,7 +259,7 @@ _forkref_methods("forkref", "forkref.Pool", _forkref_pool, results=True)
 method(
     "forkref-auto",
     "forkref.Pool(auto_share)",
-    not_applicable={"result": _NO_RESULTS, "tiny": _NO_OBJECT},
+    not_applicable={"result": _SAME_RESULTS, "tiny": _NO_OBJECT},
 )
 
 
@@ -278,7 +278,7 @@ def _auto_late(run: Run) -> Any:
 # -- forkref.Pool over spawn: the shared-memory transport ---------------------------
 
 method("forkref-spawn", "forkref.Pool(spawn) + share()")
-_forkref_methods("forkref-spawn", "forkref.Pool(spawn)", _spawn_pool, results=True)
+_forkref_methods("forkref-spawn", "forkref.Pool(spawn)", _spawn_pool)
 
 
 # -- joblib ---------------------------------------------------------------------------
@@ -498,17 +498,11 @@ def _ray_pool_tiny(run: Run) -> Any:
 # -- forkref's own Ray backend ------------------------------------------------------
 
 
-method(
-    "forkref-ray",
-    "forkref.Pool(backend=ray)",
-    needs=_RAY,
-    not_applicable={"result": "not measured for the Ray backend yet"},
-)
+method("forkref-ray", "forkref.Pool(backend=ray)", needs=_RAY)
 
 _forkref_methods(
     "forkref-ray",
     "forkref.Pool(backend=ray)",
     lambda run: _forkref_pool(run, backend="ray"),
-    results=False,
     around=_ray,
 )
