@@ -65,10 +65,11 @@ class ReleasedError(Error):
 
 
 class PerformanceWarning(UserWarning):
-    """A big argument is about to be pickled for every task.
+    """A big argument is about to be pickled for every task, or big results are.
 
     The message names the argument, its estimated size and the fix
-    (``forkref.share(...)`` or ``auto_share=True``).
+    (``forkref.share(...)`` or ``auto_share=True``); for a result that could
+    not go through shared memory, the cause and what frees the way.
     """
 
     __module__ = "forkref"

@@ -111,6 +111,8 @@ class ProcessLauncher(Launcher):
                 process.kill()
                 process.join()
                 _release_process(process)
+            if not isinstance(err, Exception):
+                raise  # Ctrl-C, SystemExit: the caller's, not a launch failure
             raise LaunchError(self._start_failure(err)) from err
         child_conn.close()
         parent_conn.close()
@@ -132,10 +134,12 @@ class ProcessLauncher(Launcher):
                 "limits, gave up on the request or exited"
             )
             return file_limit_text(step, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+        needs = "the main module must be importable"
+        if self.setup.initializer is not None:
+            needs = "the initializer and its arguments must be picklable, and " + needs
         return (
             f"cannot start a worker with the {self.start_method!r} start method: {err!r}. "
-            "The initializer and its arguments must be picklable, and the main module "
-            "importable, without fork"
+            f"Without fork, {needs}"
         )
 
     def reap(self, gen: Generation, timeout: float) -> None:

@@ -9,7 +9,7 @@ When multiprocessing pickles a compact container for another process (a
       │                             │
       └─ re-pointed at a MAP_POPULATE mapping of it (the heap copy is freed)
                                     │
-    pickle = SegmentRef ~ (pid, fd, dev, ino, size, spans)  ──>  attach(ref):
+    pickle = Segment.ref: (pid, fd, dev, ino, size, spans)  ──>  attach(ref):
                                     open /proc/<pid>/fd/<fd>, check dev+ino,
                                     map read-only once per process, views
 
@@ -81,7 +81,7 @@ def export(buffers: Sequence[memoryview], what: str) -> Segment:
         spans.append((size, buffer.nbytes))
         size += -(-buffer.nbytes // _ALIGN) * _ALIGN
     size = max(size, 1)  # mmap refuses an empty file
-    fd = segments.create_anonymous(size, what)
+    fd = segments.create_anonymous(size, what, _no_room_fixes())
     try:
         for (offset, _), buffer in zip(spans, buffers, strict=True):
             segments.write_at(fd, offset, buffer, what)
@@ -98,6 +98,16 @@ def export(buffers: Sequence[memoryview], what: str) -> Segment:
     weakref.finalize(segment, _close_in_owner, fd, os.getpid())
     _mapped[_key(ref)] = segment
     return segment
+
+
+def _no_room_fixes() -> str:
+    # The container's own fix, whatever the start method: its buffers go to other
+    # processes through this segment alone.
+    room = segments.room_fix(segments.segment_dir())
+    return (
+        f"Fixes: {room}. To store the container rather than hand it to another process, "
+        "use pickle.dumps, which carries the bytes and needs no segment"
+    )
 
 
 def _close_in_owner(fd: int, owner: int) -> None:

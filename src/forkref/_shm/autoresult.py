@@ -2,8 +2,8 @@
 
 How data flows::
 
-    worker (forkref._engine.worker)                 parent (forkref._engine.engine)
-    -------------------------------                 -------------------------------
+    worker (forkref._engine.worker)                 parent (forkref._engine.outcomes)
+    -------------------------------                 ---------------------------------
     dumps(result, threshold): a pickler whose       pickle.loads(reply) calls, for each
       reducer_override finds every numpy array,       segment, receive(path, size, type):
       pandas DataFrame/Series and arrow table or      open it, unlink the name at once,
@@ -22,7 +22,9 @@ reply, and the result must still be there; if the parent dies first, the
 janitor unlinks it. A reply the parent never reads (a terminated pool) is
 swept when the pool ends: names carry the pool's key (:func:`sweep`).
 Anything that cannot go through a segment (no room, no ``O_TMPFILE``) is
-pickled into the reply as before: the result always arrives.
+pickled into the reply, like any other result: it always arrives, and the
+first time in a process one :class:`forkref.PerformanceWarning` says why
+and what frees the way.
 
 Package API:
     DEFAULT_THRESHOLD                  1 MiB, as the pools' share_threshold
@@ -43,9 +45,10 @@ import io
 import mmap
 import os
 import pickle
+import warnings
 from typing import Any
 
-from forkref._errors import SharedMemoryError
+from forkref._errors import PerformanceWarning, SharedMemoryError, SharedMemoryFullError
 from forkref._shm import segments, serialize
 
 __all__ = ["DEFAULT_THRESHOLD", "dumps", "hand_over", "receive", "serve", "sweep"]
@@ -56,6 +59,7 @@ DEFAULT_THRESHOLD = 1 << 20  # as share_threshold: below it, a pipe is as fast
 _unsent: list[str] = []  # named, but the reply naming them is not sent yet
 _owner: int | None = None  # the process results go to (None: this one's parent)
 _key = ""  # the pool's, in every result name
+_warned_in: int | None = None  # the pid that said a result went through the pipe
 
 
 def serve(owner: int, key: str) -> None:
@@ -116,8 +120,9 @@ class _ResultPickler(pickle.Pickler):
         typename = f"{type(obj).__module__}.{type(obj).__qualname__}"
         try:
             path, size = _write(obj, f"a {typename} result")
-        except (SharedMemoryError, OSError):
-            return NotImplemented  # no room or no O_TMPFILE: through the pipe, as before
+        except (SharedMemoryError, OSError) as err:
+            _warn_once(typename, err)
+            return NotImplemented  # pickled into the reply: the result still arrives
         self.written.append(path)
         _unsent.append(path)
         return receive, (path, size, typename)
@@ -146,12 +151,40 @@ def big_nbytes(obj: object) -> int | None:
 def _write(obj: object, what: str) -> tuple[str, int]:
     """Serialize ``obj`` into a new segment; name it once complete. (path, size)."""
     p = serialize.plan(obj)
-    fd = segments.create_anonymous(p.size, what)
+    fd = segments.create_anonymous(p.size, what, _no_room_fixes())
     try:
         serialize.write(p, fd, what)
         return segments.publish(fd, what, _key), p.size
     finally:
         os.close(fd)
+
+
+def _no_room_fixes() -> str:
+    room = segments.room_fix(segments.segment_dir())
+    return f"Fixes: {room}; or pass result_threshold=None to the pool, to send results by pipe"
+
+
+def _warn_once(typename: str, err: Exception) -> None:
+    """Say once per process that big results go through the pipe, and why."""
+    global _warned_in
+    if _warned_in == os.getpid():
+        return
+    _warned_in = os.getpid()
+    # A full directory's error already carries the fixes (_no_room_fixes).
+    fixes = (
+        ""
+        if isinstance(err, SharedMemoryFullError)
+        else (
+            " Fix the segment directory, or pass result_threshold=None to the pool to stop "
+            "trying shared memory for results"
+        )
+    )
+    warnings.warn(
+        f"a {typename} result went back through the pipe (pickled), not shared memory, "
+        f"and later big results from this process may too: {err}.{fixes}",
+        PerformanceWarning,
+        stacklevel=2,
+    )
 
 
 def receive(path: str, size: int, typename: str) -> object:

@@ -36,7 +36,8 @@ which reports ENOSPC as an error rather than a signal.
 Package API (everything else is private):
     segment_dir() -> str
     check_space(nbytes, what) -> None                 raises SharedMemoryFullError
-    create_anonymous(nbytes, what) -> int (fd)
+    create_anonymous(nbytes, what, fixes) -> int (fd)  fixes: the no-room advice
+    room_fix(directory) -> str                       the advice all no-room errors share
     create_named(nbytes, what) -> (path, fd)         janitor-watched
     publish(fd, what, key) -> path                   an anonymous segment, once written,
                                                      under a result name, unlinked if its
@@ -78,6 +79,7 @@ __all__ = [
     "map_readonly",
     "open_and_unlink",
     "publish",
+    "room_fix",
     "segment_dir",
     "sweep",
     "write_at",
@@ -99,12 +101,17 @@ def segment_dir() -> str:
     return os.environ.get(ENV_DIR) or _DEFAULT_DIR
 
 
-def _fixes(directory: str, results: bool) -> str:
-    room = (
+def room_fix(directory: str) -> str:
+    """The fix every full-directory error shares: more room for the segments."""
+    return (
         f"give {directory} more room (Docker: run with a larger --shm-size, e.g. "
         f"--shm-size=8g), or point the environment variable {ENV_DIR} at a directory with "
         "room (a tmpfs keeps it in RAM)"
     )
+
+
+def _fixes(directory: str, results: bool) -> str:
+    room = room_fix(directory)
     if results:  # results always travel through segments, whatever the start method
         return (
             f"Fixes: {room}; or import_result() the results already exported sooner, "
@@ -119,8 +126,12 @@ def _fixes(directory: str, results: bool) -> str:
     )
 
 
-def check_space(nbytes: int, what: str, results: bool = False) -> None:
-    """Raise :class:`SharedMemoryFullError` unless ``nbytes`` fit in the segment directory."""
+def check_space(nbytes: int, what: str, results: bool = False, fixes: str | None = None) -> None:
+    """Raise :class:`SharedMemoryFullError` unless ``nbytes`` fit in the segment directory.
+
+    ``fixes`` replaces the default advice, for callers whose segment serves
+    another purpose than an export or an exported result.
+    """
     directory = segment_dir()
     try:
         st = os.statvfs(directory)
@@ -131,22 +142,31 @@ def check_space(nbytes: int, what: str, results: bool = False) -> None:
         ) from err
     available = st.f_bavail * st.f_frsize
     if nbytes > available:
-        raise _full_error(nbytes, available, what, directory, results)
+        raise _full_error(nbytes, available, what, directory, results, fixes=fixes)
 
 
 def _full_error(
-    nbytes: int, available: int, what: str, directory: str, results: bool = False
+    nbytes: int,
+    available: int,
+    what: str,
+    directory: str,
+    results: bool = False,
+    *,
+    fixes: str | None = None,
 ) -> SharedMemoryFullError:
     return SharedMemoryFullError(
         f"cannot write {what} to shared memory: it needs {nbytes} bytes "
         f"({nbytes / 2**20:.1f} MiB) and {directory} has {available} bytes "
-        f"({available / 2**20:.1f} MiB) free. {_fixes(directory, results)}"
+        f"({available / 2**20:.1f} MiB) free. {fixes or _fixes(directory, results)}"
     )
 
 
-def create_anonymous(nbytes: int, what: str) -> int:
-    """Create an unnamed segment of ``nbytes`` (after a space check) and return its fd."""
-    check_space(nbytes, what)
+def create_anonymous(nbytes: int, what: str, fixes: str | None = None) -> int:
+    """Create an unnamed segment of ``nbytes`` (after a space check) and return its fd.
+
+    ``fixes``: the advice if there is no room (default: an export's).
+    """
+    check_space(nbytes, what, fixes=fixes)
     directory = segment_dir()
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
