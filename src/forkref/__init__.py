@@ -1,6 +1,6 @@
 """forkref: hand big objects to process-pool workers by reference, not by pickle.
 
-``share(obj)`` returns a handle whose pickled form is a ~160-byte reference;
+``share(obj)`` returns a handle whose pickled form is a ~170-byte reference;
 unpickled in a forked worker that holds the object (forked after the share,
 or alive when it forked), it is the original object.
 The documentation (docs/, built by ``make docs``) has the guide, the limits and the

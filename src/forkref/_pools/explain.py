@@ -51,7 +51,7 @@ PICKLE = "pickle"
 #: Pickle, pipe and unpickle of a DataFrame per task: 2.94 s per GiB
 #: (benchmarks/bench_core.py, 1 GiB frame, 2 fork workers, this project's machine).
 _PICKLE_SECONDS_PER_BYTE = 2.94 / 2**30
-#: A reference per task: pickling ~160 bytes and one keyed-hash check (same benchmark).
+#: A reference per task: pickling ~170 bytes and one keyed-hash check (same benchmark).
 _REFERENCE_SECONDS = 3e-5
 _DEFAULT_THRESHOLD = 2**20
 _SCALARS = (int, float, bool, complex, type(None))
@@ -189,7 +189,7 @@ def _explicit(size: int | None, forked: bool, processes: int) -> _Route:
             FORK_REFERENCE,
             _REFERENCE_SECONDS,
             "task",
-            "an explicit forkref.share() handle: about 160 bytes per task; workers forked "
+            "an explicit forkref.share() handle: about 170 bytes per task; workers forked "
             "after the share get the object itself",
             None,
         )
@@ -231,7 +231,7 @@ def _automatic(
     obj: object, size: int | None, forked: bool, threshold: int | None, auto_share: bool
 ) -> _Route:
     per_task = size * _PICKLE_SECONDS_PER_BYTE if size is not None else None
-    share_fix = "pass forkref.share(obj) instead: a ~160-byte reference per task"
+    share_fix = "pass forkref.share(obj) instead: a ~170-byte reference per task"
     if threshold is None:
         return (PICKLE, per_task, "task", "share_threshold=None turns automatic by-reference "
                 "off: plain arguments are pickled as the stdlib would", share_fix)

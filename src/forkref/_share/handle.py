@@ -150,7 +150,7 @@ def share(obj: T) -> Shared[T]:
     """Share ``obj`` with worker processes forked from now on, by reference.
 
     Returns a :class:`Shared` handle whose pickled form is a reference of
-    about 160 bytes, whatever the size of ``obj``. Unpickled in this process,
+    about 170 bytes, whatever the size of ``obj``. Unpickled in this process,
     or in a worker forked after this call (``multiprocessing.Pool`` with the
     fork context, ``ProcessPoolExecutor`` with ``mp_context=fork``), it is
     ``obj`` itself. Sharing the same object twice gives the same reference and
