@@ -5,7 +5,7 @@ finished task covered (a chunk of 10 items advances the bar by 10, so the
 bar ends at the number of items, not of chunks), and closes it when the call
 ends, failed or not::
 
-    caller's thread                    pool's result thread
+    caller's thread                    forkref's dispatcher thread (task callbacks)
     Progress(total, option)  ──────►   bar.update(len(chunk))  per finished chunk
     ...                                ...
     bar.close(failed=...)    ◄──────   last result, an error, or Ctrl-C
