@@ -323,6 +323,30 @@ def test_an_exception_escaping_the_dispatcher_breaks_the_pool_and_fails_what_is_
     assert "injected into the dispatcher" in capfd.readouterr().err
 
 
+def test_a_reply_read_in_a_round_that_then_fails_still_ends_its_task(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The round read the task's reply (it left the worker's books), then a bug
+    raised before the reply was delivered: the task still ends, never pending."""
+    from forkref._engine import workforce
+
+    real = workforce.Workforce.check_deaths
+
+    def broken(self: Any, completions: list[Any]) -> None:
+        if completions:  # a reply is read and not yet delivered
+            raise RuntimeError("injected after a reply was read")
+        real(self, completions)
+
+    with forkref.Pool(1) as pool:
+        assert pool.map(abs, [-1]) == [1]
+        monkeypatch.setattr(workforce.Workforce, "check_deaths", broken)
+        result = pool.apply_async(abs, (-7,))
+        assert result.get(timeout=60) == 7  # delivered as it was read
+        with pytest.raises(forkref.BrokenPoolError, match="dispatcher thread failed"):
+            pool.apply_async(abs, (-3,)).get(timeout=60)
+    assert "injected after a reply was read" in capfd.readouterr().err
+
+
 def test_a_dead_fork_server_fails_the_tasks_it_held_and_queued_and_the_pool_goes_on() -> None:
     """Running tasks die with their workers, queued ones fail naming the fork
     server, and the next submit forks a fresh generation: nothing stays pending."""

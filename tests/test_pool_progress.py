@@ -146,6 +146,28 @@ def test_error_closes_the_bar_as_failed(pool: forkref.Pool) -> None:
     assert "failed" in _final(out)
 
 
+def test_an_executor_map_refused_at_submit_closes_its_bar() -> None:
+    ex = forkref.ProcessPoolExecutor(1)
+    ex.shutdown()
+    out = io.StringIO()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.map(square, range(5), progress=_opts(out))
+    assert "failed" in _final(out)  # closed, not left open with no iterator to close it
+
+
+def test_a_ctrl_c_while_submitting_ends_the_map_and_interrupts(
+    pool: forkref.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool._engine, "submit_many", interrupted)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        pool.map_async(square, range(10), chunksize=2, progress=_opts(out))
+    assert "failed" in _final(out)  # every chunk ended, so the bar closed
+
+
 def test_ctrl_c_closes_the_bar(pool: forkref.Pool) -> None:
     out = io.StringIO()
     pool.map(square, range(4))  # workers forked before the timer thread exists

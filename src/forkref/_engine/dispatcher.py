@@ -87,8 +87,12 @@ class DispatcherHost(Protocol):
     def complete(self, completions: list[Completion]) -> None:
         """Run ``on_done`` of finished tasks (no lock held)."""
 
-    def fail(self, err: BaseException) -> None:
-        """The dispatcher failed with ``err``: break the engine, fail what is pending."""
+    def fail(self, err: BaseException, undelivered: list[Completion]) -> None:
+        """The dispatcher failed with ``err``: break the engine, fail what is pending.
+
+        ``undelivered``: tasks that had left the scheduler's books (their reply
+        was read, or they were failed) but were not yet handed to :meth:`complete`.
+        """
 
 
 class Dispatcher:
@@ -101,6 +105,9 @@ class Dispatcher:
         self._pid = os.getpid()
         self.thread: threading.Thread | None = None
         self.in_callbacks = False  # the owning thread is running on_done callbacks
+        # This round's completions until they are handed to complete(): if the
+        # round raises, fail() must still end them, as they are on no other books.
+        self._collected: list[Completion] = []
         try:
             self._wake_r, self._wake_w = os.pipe()
         except OSError as err:
@@ -201,13 +208,13 @@ class Dispatcher:
             while self._step():
                 pass
         except BaseException as err:  # a bug, or an exception no task could take
-            engine.fail(err)
+            engine.fail(err, self._collected)
 
     # -- one round ----------------------------------------------------------------
 
     def _step(self) -> bool:
         engine = self._engine
-        completions: list[Completion] = []
+        completions = self._collect()
         with engine.lock:
             if not self.owned():
                 return False
@@ -218,7 +225,7 @@ class Dispatcher:
             self.in_callbacks = bool(completions)
         if completions:
             self._run_callbacks(completions)
-            completions = []
+        completions = self._collect()
         with engine.lock:
             if not self.owned():
                 return False
@@ -239,12 +246,20 @@ class Dispatcher:
         self._run_callbacks(completions)
         return True
 
+    def _collect(self) -> list[Completion]:
+        """A fresh list for a round's completions, kept until they are handed over."""
+        self._collected = []
+        return self._collected
+
     def _run_callbacks(self, completions: list[Completion]) -> None:
         """Complete tasks while detachable (see :meth:`pause`)."""
         if not completions:
             return
+        # Handed over: complete() ends every one of them, whatever it meets, so a
+        # failure after this point must not end them a second time.
+        handed, completions[:] = list(completions), []
         try:
-            self._engine.complete(completions)
+            self._engine.complete(handed)
         finally:
             with self._engine.lock:
                 if self.owned():

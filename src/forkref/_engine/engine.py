@@ -283,9 +283,9 @@ class Engine:
         """Finish tasks outside the engine lock (decode, release, ``on_done``)."""
         self._outcomes.complete(completions)
 
-    def fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException, undelivered: list[Completion]) -> None:
         """The dispatcher thread failed: break, fail everything pending, kill the workers."""
-        self._lifecycle.fail(err)
+        self._lifecycle.fail(err, undelivered)
 
 
 def _register_atexit() -> None:

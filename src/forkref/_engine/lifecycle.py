@@ -104,11 +104,16 @@ class Lifecycle:
         with state.lock:
             self.finish_locked()
 
-    def fail(self, err: BaseException) -> None:
-        """The dispatcher thread failed: break, fail everything pending, kill the workers."""
+    def fail(self, err: BaseException, undelivered: list[Completion]) -> None:
+        """The dispatcher thread failed: break, fail everything pending, kill the workers.
+
+        ``undelivered`` (the failed round's completions, on no other books) end
+        as they were collected, with the rest.
+        """
         with contextlib.suppress(Exception):
             traceback.print_exception(type(err), err, err.__traceback__)
-        completions: list[Completion] = []
+        completions: list[Completion] = list(undelivered)
+        undelivered.clear()
         with self._state.lock:
             self._outcomes.break_locked(
                 BrokenPoolError(

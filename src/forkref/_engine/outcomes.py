@@ -50,11 +50,10 @@ class Outcomes:
         state = self._state
         for task, op, body in completions:
             ok, value = decode(op, body, state.executor_semantics)
-            state.sharer.done(task.refs)
-            try:
-                task.on_done(ok, value)
-            except BaseException:
-                traceback.print_exc()
+            # Neither a failing release nor a raising callback may keep the tasks
+            # after it from ending.
+            _guarded(state.sharer.done, task.refs)
+            _guarded(task.on_done, ok, value)
 
     def break_locked(self, err: BrokenPoolError, completions: list[Completion]) -> None:
         """The engine cannot run tasks any more: fail every pending task with ``err``."""
@@ -103,6 +102,13 @@ class Outcomes:
         # Also the tasks its dying workers put back later (Workforce.upkeep).
         state.server_gone = err
         completions += [(task, -1, err) for task in state.scheduler.take_all()]
+
+
+def _guarded(step: Any, *args: Any) -> None:
+    try:
+        step(*args)
+    except BaseException:
+        traceback.print_exc()
 
 
 def decode(op: int, body: Any, executor: bool) -> tuple[bool, Any]:

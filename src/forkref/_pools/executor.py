@@ -236,7 +236,12 @@ class ProcessPoolExecutor(PoolBase, concurrent.futures.Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         chunks = list(chunked(zip(*iterables, strict=False), chunksize))
         bar = self._progress_bar(sum(map(len, chunks)), progress, fn)
-        futures = self._submit(STARMAP, fn, chunks, bar)
+        try:
+            futures = self._submit(STARMAP, fn, chunks, bar)
+        except BaseException:
+            if bar is not None:  # no iterator will ever close it
+                bar.close(failed=True)
+            raise
         return _results(futures, end_time, bar)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -160,9 +160,11 @@ class Pool(PoolBase):
             self._engine.submit_many(
                 kind, func, ((d, done, None, off) for d, done, off in pending), fn_blob=fn_blob
             )
-        except Exception as err:  # unpicklable function, broken pool: the results carry it
-            for _, on_done, _ in pending:  # those not queued yet
+        except BaseException as err:  # unpicklable function, broken pool, Ctrl-C: results carry it
+            for _, on_done, _ in pending:  # those not queued yet end too, never pending
                 on_done(False, err)
+            if not isinstance(err, Exception):
+                raise  # a KeyboardInterrupt still interrupts the caller
         return fn_blob
 
     def apply(
