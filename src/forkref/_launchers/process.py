@@ -126,9 +126,11 @@ class ProcessLauncher(Launcher):
         if self.start_method == "forkserver" and _forkserver_exit() == MAIN_GUARD_EXIT:
             return main_guard_message("forkserver")
         lost = isinstance(err, (EOFError, ConnectionError))
-        if self.start_method == "forkserver" and lost and near_file_limit():
+        if self.start_method == "forkserver" and lost and near_file_limit(margin=64):
             # The forkserver dropped the request or died (its traceback is on stderr).
-            # It has this process's limit, and this process is within a few files of it.
+            # It has this process's limit, and holds the descriptors of every request
+            # in flight besides its own, so it runs out while this process still has a
+            # few dozen left (18 were left in one run): the margin is wide on purpose.
             step = (
                 "start a pool worker: the 'forkserver' process, which has this process's "
                 "limits, gave up on the request or exited"
